@@ -1,0 +1,193 @@
+"""The design-environment protocol shared by every CAASL environment.
+
+An environment is a frozen (hashable) description of a prior over causal systems.
+All randomness over systems lives in explicit hidden parameters, so batching is a
+`jax.vmap` over keys and params and resampling never recompiles:
+
+    params = env.sample_params(key)                         # hidden system θ
+    obs, state = env.reset(key, params)                     # n0 observational rows
+    obs, state, reward, done, info = env.step(key, state, action, params)
+
+The observation is a `History`: a preallocated [N, d, 2] array (channel 0 the
+measured values, channel 1 the 0/1 intervention indicator) with N = n0 + T·k rows,
+a length counter and the derived validity mask. Shapes never change, so nothing
+retraces over an episode.
+
+Environments know nothing of reward models. A caller plugs one in with
+`env.with_score(score_fn)`, where `score_fn(history, graph) -> scalar` scores a
+history against the true graph; the step reward is then the score's improvement
+r_t = score(h_t) - score(h_{t-1}). Without a score function the reward is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+ScoreFn = Callable[["History", jax.Array], jax.Array]
+
+
+@struct.dataclass
+class History:
+    """Preallocated interventional history.
+
+    data:   f32[N, d, 2]  channel 0 values, channel 1 intervention indicator (0/1).
+    length: i32[]         number of valid rows; rows >= length are zero padding.
+    """
+
+    data: jax.Array
+    length: jax.Array
+
+    @property
+    def mask(self) -> jax.Array:
+        """bool[N]: True for the rows that hold samples."""
+        return jnp.arange(self.data.shape[-3]) < self.length[..., None]
+
+    @property
+    def values(self) -> jax.Array:
+        return self.data[..., 0]
+
+    @property
+    def targets(self) -> jax.Array:
+        return self.data[..., 1]
+
+
+def empty_history(n_rows: int, d: int) -> History:
+    return History(data=jnp.zeros((n_rows, d, 2), jnp.float32), length=jnp.zeros((), jnp.int32))
+
+
+def append_rows(history: History, values: jax.Array, targets: jax.Array) -> History:
+    """Write k new rows at position `length`. values, targets: f32[k, d]."""
+    rows = jnp.stack([values, targets.astype(values.dtype)], axis=-1)
+    data = jax.lax.dynamic_update_slice_in_dim(history.data, rows, history.length, axis=0)
+    return History(data=data, length=history.length + rows.shape[0])
+
+
+@struct.dataclass
+class EnvState:
+    """history: the data so far; step: design steps taken; score: score(history)."""
+
+    history: History
+    step: jax.Array
+    score: jax.Array
+
+
+class Environment:
+    """Base class of the design environments (frozen dataclasses in subclasses).
+
+    Subclasses provide `d`, `n0`, `budget`, `samples_per_step`, `action_dim`,
+    `sample_params(key)`, `_initial_rows(key, params) -> f32[n0, d]` and
+    `_design_rows(key, action, params) -> (values f32[k, d], targets f32[k, d])`.
+    `score_fn` is an optional `(history, graph) -> scalar`.
+    """
+
+    score_fn: ScoreFn | None
+
+    # --- sizes -----------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        """N = n0 + T·k, the preallocated history length."""
+        return self.n0 + self.budget * self.samples_per_step
+
+    @property
+    def action_dim(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def with_score(self, score_fn: ScoreFn | None) -> Environment:
+        """The same environment with a reward: r_t = score(h_t) - score(h_{t-1})."""
+        return dataclasses.replace(self, score_fn=score_fn)
+
+    # --- protocol ----------------------------------------------------------------
+    def sample_params(self, key: jax.Array) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _score(self, history: History, params: Any) -> jax.Array:
+        if self.score_fn is None:
+            return jnp.zeros((), jnp.float32)
+        return jnp.asarray(self.score_fn(history, params.graph), jnp.float32)
+
+    def reset(self, key: jax.Array, params: Any) -> tuple[History, EnvState]:
+        """Draw n0 observational rows. Returns (history, state)."""
+        values = self._initial_rows(key, params)
+        history = append_rows(
+            empty_history(self.n_rows, self.d), values, jnp.zeros_like(values)
+        )
+        state = EnvState(
+            history=history, step=jnp.zeros((), jnp.int32), score=self._score(history, params)
+        )
+        return history, state
+
+    def step(self, key: jax.Array, state: EnvState, action: jax.Array, params: Any):
+        """Perform the design `action` (f32[action_dim] in [-1, 1]) and record k rows.
+
+        Returns (history, state, reward, done, info). Stepping past the budget is a
+        no-op on the history (the rows would not fit) and gives reward 0.
+        """
+        self.check_action(action)
+        values, targets = self._design_rows(key, action, params)
+        in_budget = state.step < self.budget
+        new_history = append_rows(state.history, values, targets)
+        history = jax.tree.map(
+            lambda new, old: jnp.where(in_budget, new, old), new_history, state.history
+        )
+        score = self._score(history, params)
+        reward = score - state.score
+        new_state = EnvState(history=history, step=state.step + in_budget, score=score)
+        done = new_state.step >= self.budget
+        info = {"targets": targets[0]}
+        return history, new_state, reward, done, info
+
+    def check_action(self, action: jax.Array) -> None:
+        if action.shape != (self.action_dim,):
+            raise ValueError(
+                f"{type(self).__name__}: action must have shape ({self.action_dim},) for "
+                f"d={self.d}, got {tuple(action.shape)}; vmap the step over a batch"
+            )
+
+    def rollout(self, key: jax.Array, params: Any, policy: Callable) -> tuple[History, jax.Array]:
+        """Run a whole episode with `policy(key, history) -> action`.
+
+        Returns the final history and the rewards f32[T]; jittable and vmappable.
+        """
+        reset_key, loop_key = jax.random.split(key)
+        history, state = self.reset(reset_key, params)
+
+        def body(carry, step_key):
+            history, state = carry
+            act_key, env_key = jax.random.split(step_key)
+            action = policy(act_key, history)
+            history, state, reward, _, _ = self.step(env_key, state, action, params)
+            return (history, state), reward
+
+        (history, _), rewards = jax.lax.scan(
+            body, (history, state), jax.random.split(loop_key, self.budget)
+        )
+        return history, rewards
+
+
+def validate_sizes(name: str, d: int, n0: int, budget: int, samples_per_step: int) -> None:
+    """Raise ValueError naming the first bad size."""
+    checks = [
+        (isinstance(d, int) and d >= 2, f"d must be an integer >= 2, got {d!r}"),
+        (isinstance(n0, int) and n0 >= 1, f"n0 must be an integer >= 1, got {n0!r}"),
+        (isinstance(budget, int) and budget >= 0, f"budget must be an integer >= 0, got {budget!r}"),
+        (
+            isinstance(samples_per_step, int) and samples_per_step >= 1,
+            f"samples_per_step must be an integer >= 1, got {samples_per_step!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{name}: {message}")
+
+
+def action_targets(action: jax.Array, d: int) -> jax.Array:
+    """f32[d] 0/1 intervention targets from an action: variable i is a target when a_i > 0."""
+    chex.assert_axis_dimension_gteq(action, 0, d)
+    return (action[..., :d] > 0).astype(jnp.float32)
