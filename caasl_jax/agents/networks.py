@@ -1,0 +1,401 @@
+"""Policy and Q-function networks of CAASL (paper section 3.2, appendix D).
+
+Both the policy and every critic encode a history with their own
+alternating-attention transformer:
+
+    data f32[..., N, d, 2], mask bool[..., N]
+      -> Dense 2 -> D                         (padded rows are zeroed first)
+      -> L x [ pre-norm block over the d variables (per sample row),
+               pre-norm block over the N samples  (per variable, padded rows masked) ]
+      -> LayerNorm -> max-pool over the valid samples  -> f32[..., d, D]
+
+The encoding is equivariant to the order of the variables and invariant to the order
+of the samples and to whatever the padded rows (mask False) contain: padded rows are
+zeroed before the embedding, never attended to, and left out of the pool. (The public
+release attended to padding rows; we do not.)
+
+Action layouts (as the environments expect them):
+  * ``'targets_values'`` (linear SCM): f32[2d] = (targets a_0..a_{d-1}, values a_d..a_{2d-1});
+  * ``'targets'`` (SERGIO): f32[d] = targets.
+Per variable the networks work on f32[..., d, k] with k = 2 (target_i, value_i) or
+k = 1 (target_i); `to_per_variable` / `to_env_action` convert between the two layouts.
+
+The policy is a per-variable tanh-Gaussian (event shape [d, k]); the Q head pairs
+variable i's encoding with variable i's OWN action entries (target_i, value_i) -- the
+release paired (a_2i, a_2i+1), which mixes targets and values of different variables.
+Nothing depends on d, so a trained network applies to any number of variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import chex
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTION_KINDS = ("targets_values", "targets")
+
+
+def _check_positive_int(cls: str, name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{cls}: {name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_action_kind(cls: str, kind: str) -> None:
+    if kind not in ACTION_KINDS:
+        raise ValueError(f"{cls}: action_kind must be one of {ACTION_KINDS}, got {kind!r}")
+
+
+def _check_hidden(cls: str, hidden: Sequence[int]) -> None:
+    if not isinstance(hidden, tuple) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+    ):
+        raise ValueError(f"{cls}: hidden must be a tuple of positive integers, got {hidden!r}")
+
+
+# ----------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Alternating-attention history encoder.
+
+    dim: width D of every token (32 in the paper); num_layers: L alternating layers
+    (4 linear, 3 SERGIO); num_heads: attention heads (dim must divide by it);
+    ffn_multiplier: feed-forward width = ffn_multiplier * dim (4 policy, 2 Q);
+    dropout: rate on attention weights and residual branches (used only when the
+    module is called with deterministic=False).
+    """
+
+    dim: int = 32
+    num_layers: int = 4
+    num_heads: int = 8
+    ffn_multiplier: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check_positive_int("EncoderConfig", "dim", self.dim)
+        _check_positive_int("EncoderConfig", "num_layers", self.num_layers, allow_zero=True)
+        _check_positive_int("EncoderConfig", "num_heads", self.num_heads)
+        _check_positive_int("EncoderConfig", "ffn_multiplier", self.ffn_multiplier)
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"EncoderConfig: dim ({self.dim}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"EncoderConfig: dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Tanh-Gaussian design policy.
+
+    encoder: its history encoder (paper: ffn 4x, dropout 0.1); hidden: per-variable
+    MLP widths; action_kind: 'targets_values' (linear) or 'targets' (SERGIO);
+    log_std_min/max: clip range of the log standard deviation; act_with_dropout:
+    whether `sample_action` keeps dropout on when acting (off by default).
+    """
+
+    encoder: EncoderConfig = EncoderConfig(ffn_multiplier=4, dropout=0.1)
+    hidden: tuple[int, ...] = (128, 128)
+    action_kind: str = "targets_values"
+    log_std_min: float = -5.0
+    log_std_max: float = 2.0
+    act_with_dropout: bool = False
+
+    def __post_init__(self):
+        _check_action_kind("PolicyConfig", self.action_kind)
+        _check_hidden("PolicyConfig", self.hidden)
+        if not self.log_std_min < self.log_std_max:
+            raise ValueError(
+                f"PolicyConfig: log_std_min ({self.log_std_min}) must be < log_std_max "
+                f"({self.log_std_max})"
+            )
+
+    @property
+    def per_variable(self) -> int:
+        """k: action entries per variable (2 or 1)."""
+        return per_variable_entries(self.action_kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticConfig:
+    """Ensemble of Q-functions, each with its own encoder.
+
+    encoder: encoder of each critic (paper: ffn 2x, no dropout); hidden: per-variable
+    MLP widths; action_kind: as for the policy; num_critics: N of REDQ.
+    """
+
+    encoder: EncoderConfig = EncoderConfig(ffn_multiplier=2, dropout=0.0)
+    hidden: tuple[int, ...] = (128, 128)
+    action_kind: str = "targets_values"
+    num_critics: int = 2
+
+    def __post_init__(self):
+        _check_action_kind("CriticConfig", self.action_kind)
+        _check_hidden("CriticConfig", self.hidden)
+        _check_positive_int("CriticConfig", "num_critics", self.num_critics)
+
+    @property
+    def per_variable(self) -> int:
+        return per_variable_entries(self.action_kind)
+
+
+def paper_configs(env: str, num_critics: int = 2) -> tuple[PolicyConfig, CriticConfig]:
+    """Network sizes of the paper / public release for env 'linear' or 'sergio'."""
+    if env == "linear":
+        layers, kind = 4, "targets_values"
+    elif env == "sergio":
+        layers, kind = 3, "targets"
+    else:
+        raise ValueError(f"paper_configs: env must be 'linear' or 'sergio', got {env!r}")
+    policy = PolicyConfig(
+        encoder=EncoderConfig(num_layers=layers, ffn_multiplier=4, dropout=0.1), action_kind=kind
+    )
+    critic = CriticConfig(
+        encoder=EncoderConfig(num_layers=layers, ffn_multiplier=2, dropout=0.0),
+        action_kind=kind,
+        num_critics=num_critics,
+    )
+    return policy, critic
+
+
+# ----------------------------------------------------------------------------------
+# action layout
+# ----------------------------------------------------------------------------------
+
+
+def per_variable_entries(action_kind: str) -> int:
+    """k = 2 for 'targets_values', 1 for 'targets'."""
+    _check_action_kind("per_variable_entries", action_kind)
+    return 2 if action_kind == "targets_values" else 1
+
+
+def to_per_variable(action: jax.Array, action_kind: str) -> jax.Array:
+    """Env layout f32[..., k*d] -> per-variable f32[..., d, k] (row i = (target_i, value_i))."""
+    k = per_variable_entries(action_kind)
+    if action.shape[-1] % k:
+        raise ValueError(
+            f"to_per_variable: action size {action.shape[-1]} is not a multiple of {k} "
+            f"for action_kind {action_kind!r}"
+        )
+    d = action.shape[-1] // k
+    return jnp.swapaxes(action.reshape(*action.shape[:-1], k, d), -1, -2)
+
+
+def to_env_action(per_variable: jax.Array) -> jax.Array:
+    """Per-variable f32[..., d, k] -> env layout f32[..., k*d] = (all targets, all values)."""
+    if per_variable.ndim < 2:
+        raise ValueError(f"to_env_action: expected f32[..., d, k], got shape {per_variable.shape}")
+    return jnp.swapaxes(per_variable, -1, -2).reshape(*per_variable.shape[:-2], -1)
+
+
+# ----------------------------------------------------------------------------------
+# encoder
+# ----------------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention block over axis -2 of x f32[..., S, D].
+
+    key_mask: optional bool broadcastable to [..., S] -- keys with False are ignored.
+    """
+
+    num_heads: int
+    ffn_width: int
+    dropout: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        dim = x.shape[-1]
+        attn_mask = None if key_mask is None else key_mask[..., None, None, :]
+        h = nn.LayerNorm()(x)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            qkv_features=dim,
+            out_features=dim,
+            dropout_rate=self.dropout,
+            deterministic=self.deterministic,
+        )(h, mask=attn_mask)
+        x = x + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(self.ffn_width)(h)
+        h = nn.relu(h)
+        h = nn.Dense(dim)(h)
+        return x + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+
+
+class Encoder(nn.Module):
+    """Alternating-attention encoder: (data [..., N, d, 2], mask [..., N]) -> [..., d, D]."""
+
+    config: EncoderConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, data: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        chex.assert_axis_dimension(data, -1, 2)
+        chex.assert_equal_shape_prefix([data, mask], mask.ndim)
+        mask = mask.astype(bool)
+        row_mask = mask[..., :, None, None]  # [..., N, 1, 1]
+        # Padding content must not matter: zero it before anything sees it.
+        x = nn.Dense(cfg.dim, name="embed")(jnp.where(row_mask, data, 0.0))  # [..., N, d, D]
+        for layer in range(cfg.num_layers):
+            block = dict(
+                num_heads=cfg.num_heads,
+                ffn_width=cfg.ffn_multiplier * cfg.dim,
+                dropout=cfg.dropout,
+                deterministic=self.deterministic,
+            )
+            # over variables: tokens are the d variables of one sample row
+            x = TransformerBlock(**block, name=f"layer{layer}_variables")(x)
+            # over samples: tokens are the N rows of one variable; padded rows masked
+            xt = jnp.swapaxes(x, -3, -2)  # [..., d, N, D]
+            xt = TransformerBlock(**block, name=f"layer{layer}_samples")(
+                xt, key_mask=mask[..., None, :]
+            )
+            x = jnp.swapaxes(xt, -3, -2)
+        x = nn.LayerNorm(name="final_norm")(x)
+        return masked_max_pool(x, mask)
+
+
+def masked_max_pool(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Max over the valid rows: x f32[..., N, d, D], mask bool[..., N] -> f32[..., d, D].
+
+    A history without any valid row pools to zeros.
+    """
+    chex.assert_equal_shape_prefix([x, mask], mask.ndim)
+    valid = mask[..., :, None, None]
+    pooled = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-3)
+    any_valid = jnp.any(mask, axis=-1)[..., None, None]
+    return jnp.where(any_valid, pooled, 0.0)
+
+
+def _mlp(x: jax.Array, hidden: Sequence[int], prefix: str) -> jax.Array:
+    for i, width in enumerate(hidden):
+        x = nn.relu(nn.Dense(width, name=f"{prefix}{i}")(x))
+    return x
+
+
+# ----------------------------------------------------------------------------------
+# policy
+# ----------------------------------------------------------------------------------
+
+
+class Policy(nn.Module):
+    """Per-variable tanh-Gaussian parameters from a history.
+
+    __call__(data f32[..., N, d, 2], mask bool[..., N], deterministic=True)
+      -> (mean f32[..., d, k], log_std f32[..., d, k])   (pre-tanh; log_std clipped)
+    """
+
+    config: PolicyConfig
+
+    @nn.compact
+    def __call__(self, data: jax.Array, mask: jax.Array, deterministic: bool = True):
+        cfg = self.config
+        h = Encoder(cfg.encoder, deterministic=deterministic, name="encoder")(data, mask)
+        h = _mlp(h, cfg.hidden, "head")
+        k = cfg.per_variable
+        mean = nn.Dense(k, name="mean")(h)
+        log_std = nn.Dense(k, name="log_std")(h)
+        log_std = jnp.clip(log_std, cfg.log_std_min, cfg.log_std_max)
+        return mean, log_std
+
+
+def policy_distribution(mean: jax.Array, log_std: jax.Array) -> distrax.Distribution:
+    """Tanh-Gaussian with event shape [d, k] (batch shape = leading dims of mean)."""
+    chex.assert_equal_shape([mean, log_std])
+    base = distrax.Normal(mean, jnp.exp(log_std))
+    return distrax.Independent(distrax.Transformed(base, distrax.Tanh()), 2)
+
+
+def sample_action(
+    policy: Policy,
+    params,
+    key: jax.Array,
+    data: jax.Array,
+    mask: jax.Array,
+    *,
+    deterministic: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample env-layout actions f32[..., k*d] in (-1, 1) and their log-probs f32[...].
+
+    deterministic: dropout off (True) or on (False); default: off unless
+    `policy.config.act_with_dropout`. The log-prob is of the per-variable
+    tanh-Gaussian (the env layout is a permutation of it, so it is the same).
+    """
+    if deterministic is None:
+        deterministic = not policy.config.act_with_dropout
+    sample_key, dropout_key = jax.random.split(key)
+    mean, log_std = policy.apply(
+        params, data, mask, deterministic=deterministic, rngs={"dropout": dropout_key}
+    )
+    per_var, log_prob = policy_distribution(mean, log_std).sample_and_log_prob(seed=sample_key)
+    return to_env_action(per_var), log_prob
+
+
+def mode_action(policy: Policy, params, data: jax.Array, mask: jax.Array) -> jax.Array:
+    """The deterministic action tanh(mean), env layout f32[..., k*d]; dropout off."""
+    mean, _ = policy.apply(params, data, mask, deterministic=True)
+    return to_env_action(jnp.tanh(mean))
+
+
+# ----------------------------------------------------------------------------------
+# critics
+# ----------------------------------------------------------------------------------
+
+
+class Critic(nn.Module):
+    """One Q-function: Q(h, a) = sum_i MLP([enc_i(h), target_i, value_i]).
+
+    __call__(data f32[..., N, d, 2], mask bool[..., N], action f32[..., k*d]) -> f32[...]
+    """
+
+    config: CriticConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, data: jax.Array, mask: jax.Array, action: jax.Array) -> jax.Array:
+        cfg = self.config
+        enc = Encoder(cfg.encoder, deterministic=self.deterministic, name="encoder")(data, mask)
+        per_var = to_per_variable(action, cfg.action_kind)  # [..., d, k]
+        chex.assert_equal_shape_prefix([enc, per_var], enc.ndim - 1)
+        h = jnp.concatenate([enc, per_var.astype(enc.dtype)], axis=-1)
+        h = _mlp(h, cfg.hidden, "head")
+        q_per_variable = nn.Dense(1, name="out")(h)[..., 0]  # [..., d]
+        return jnp.sum(q_per_variable, axis=-1)
+
+
+class CriticEnsemble(nn.Module):
+    """N independent critics (parameters stacked on a leading axis of size N).
+
+    __call__(data, mask, action, deterministic=True) -> f32[N, ...]
+    """
+
+    config: CriticConfig
+
+    @nn.compact
+    def __call__(
+        self, data: jax.Array, mask: jax.Array, action: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
+        ensemble = nn.vmap(
+            Critic,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=self.config.num_critics,
+        )
+        return ensemble(self.config, deterministic=deterministic, name="critics")(
+            data, mask, action
+        )
