@@ -328,28 +328,43 @@ class REDQ:
         return action.reshape(*batch_shape, -1), log_prob.reshape(batch_shape)
 
     # --- update -------------------------------------------------------------------------
-    def _critic_step(self, state: REDQState, batch: Transition, key, axis_name):
-        """One critic update on a minibatch [B, ...]; returns (new state, metrics)."""
-        cfg = self.config
-        batch_size = batch.reward.shape[0]
-        subset_key, next_key, dropout_key = jax.random.split(key, 3)
-        alpha = jnp.exp(state.log_alpha)
+    def td_target(
+        self,
+        state: REDQState,
+        batch: Transition,
+        key: jax.Array,
+        axis_name: str | None = None,
+    ) -> jax.Array:
+        """REDQ TD targets f32[B] for a minibatch [B, ...] (no gradient).
 
-        next_keys = example_keys(next_key, batch_size, axis_name)
+        a' ~ pi(.|h') is drawn with dropout as when acting; h' is read with the NEXT
+        state's own mask (the release used the current state's mask).
+        """
+        cfg = self.config
+        subset_key, next_key = jax.random.split(key)
+        next_keys = example_keys(next_key, batch.reward.shape[0], axis_name)
         next_action, next_log_prob = jax.vmap(self._sample, in_axes=(None, 0, 0, 0, None))(
             state.policy_params,
             next_keys,
             batch.next_obs.data,
-            batch.next_obs.mask,  # the NEXT state's own mask (the release used obs.mask)
+            batch.next_obs.mask,
             not self.policy_config.act_with_dropout,
         )
         next_q = self.critic.apply(
             state.target_critic_params, batch.next_obs.data, batch.next_obs.mask, next_action
         )
         subset = sample_subset(subset_key, cfg.num_critics, cfg.num_target_critics)
-        target = jax.lax.stop_gradient(
+        alpha = jnp.exp(state.log_alpha)
+        return jax.lax.stop_gradient(
             redq_target(next_q, subset, batch.reward, batch.done, next_log_prob, alpha, cfg.gamma)
         )
+
+    def _critic_step(self, state: REDQState, batch: Transition, key, axis_name):
+        """One critic update on a minibatch [B, ...]; returns (new state, metrics)."""
+        cfg = self.config
+        batch_size = batch.reward.shape[0]
+        target_key, dropout_key = jax.random.split(key)
+        target = self.td_target(state, batch, target_key, axis_name)
 
         use_dropout = self.critic_config.encoder.dropout > 0
         dropout_keys = example_keys(dropout_key, batch_size, axis_name)

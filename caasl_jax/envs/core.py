@@ -62,11 +62,22 @@ def empty_history(n_rows: int, d: int) -> History:
     return History(data=jnp.zeros((n_rows, d, 2), jnp.float32), length=jnp.zeros((), jnp.int32))
 
 
-def append_rows(history: History, values: jax.Array, targets: jax.Array) -> History:
-    """Write k new rows at position `length`. values, targets: f32[k, d]."""
+def append_rows(
+    history: History, values: jax.Array, targets: jax.Array, enabled: jax.Array | bool = True
+) -> History:
+    """Write k new rows at position `length`. values, targets: f32[k, d].
+
+    With `enabled` False the history comes back unchanged. Only the k rows are
+    rewritten either way (no copy of the whole buffer), so inside a scan the update
+    happens in place.
+    """
+    k = values.shape[0]
     rows = jnp.stack([values, targets.astype(values.dtype)], axis=-1)
-    data = jax.lax.dynamic_update_slice_in_dim(history.data, rows, history.length, axis=0)
-    return History(data=data, length=history.length + rows.shape[0])
+    start = jnp.minimum(history.length, history.data.shape[0] - k)
+    current = jax.lax.dynamic_slice_in_dim(history.data, start, k, axis=0)
+    rows = jnp.where(enabled, rows, current)
+    data = jax.lax.dynamic_update_slice_in_dim(history.data, rows, start, axis=0)
+    return History(data=data, length=history.length + k * jnp.asarray(enabled, jnp.int32))
 
 
 @struct.dataclass
@@ -132,10 +143,7 @@ class Environment:
         self.check_action(action)
         values, targets = self._design_rows(key, action, params)
         in_budget = state.step < self.budget
-        new_history = append_rows(state.history, values, targets)
-        history = jax.tree.map(
-            lambda new, old: jnp.where(in_budget, new, old), new_history, state.history
-        )
+        history = append_rows(state.history, values, targets, enabled=in_budget)
         score = self._score(history, params)
         reward = score - state.score
         new_state = EnvState(history=history, step=state.step + in_budget, score=score)

@@ -1,0 +1,479 @@
+"""SERGIO single-cell gene-expression design environments (paper section 5.2, B.2, C.2).
+
+A pure, jittable and vmappable re-implementation of the steady-state SERGIO
+simulator (Dibaeinia & Sinha 2020) with the knockout / knockdown extension of
+Lorch et al. (AVICI) and the technical noise of single-cell RNA sequencing.
+
+The system (hidden params, drawn once per episode by `sample_params`):
+- a DAG over d genes; interaction strengths K_ij = ±U(1, 5) on its edges, the sign
+  of regulator i positive with probability p_i ~ Beta(0.5, 0.5);
+- C = 5 cell types; a master regulator (no parents) has a basal production rate
+  U(1, 3) per cell type;
+- production of a target j: P_j = sum_i |K_ij| hill_i(x_i), with
+  hill_i(x) = x^n / (h_i^n + x^n) for an activator and 1 - that for a repressor;
+- the half-response h_i of a regulator is its mean simulated wild-type expression,
+  resolved level by level (masters first) in `calibrate`;
+- chemical-Langevin dynamics with decay λ and noise scale q, Euler–Maruyama steps
+  x <- max(0, x + dt (f P - λ x) + sqrt(dt) q sqrt(f P + λ x) ξ), where f is the
+  intervention factor of the gene (1 wild type, 0 knockout, 0.5 knockdown). SERGIO
+  writes the noise as sqrt(P) ξ1 + sqrt(λx) ξ2 with two independent normals; that sum
+  has the law of sqrt(P + λx) ξ, so one increment per gene and step is drawn;
+- technical noise, in order: outlier genes (prob 0.01, expression x LogNormal(3, 1)),
+  library size (each cell rescaled to a LogNormal total), dropout (keep with prob
+  sigmoid(shape (log(x + 1) - mid))) and Poisson counts; 10X Chromium or Drop-Seq.
+
+What is shared by every cell of an episode, so that the wild-type cells of `reset`
+and the interventional cells of `step` measure one and the same system: the graph,
+K, basal rates, half-responses, the outlier genes with their factors, and the
+dropout mid-point (the q-th percentile of log(x + 1) of the wild-type system after
+outlier and library-size effects, computed once in `calibrate`). Fresh per cell:
+its cell type (interventional cells: uniform), its trajectory, its snapshot time and
+its library size. Differences from avici's NumPy SERGIO, on purpose:
+- avici re-simulates the whole system for each knockout, re-estimating the
+  half-responses from the knocked-out system and drawing new outlier genes and a new
+  dropout mid-point per experiment; here they stay those of the wild type, which is
+  what "knocking out a gene of this cell line" means. The effect on the direct
+  children of a knocked-out gene is the same either way (hill(0) = 0 whatever h is).
+- avici's trajectory length depends on the number of cells of the experiment (15
+  steps per cell), so its single-cell knockout experiments are 15-step
+  trajectories that barely leave their deterministic start. Here every cell, wild
+  type or interventional, is a snapshot at a uniform time of a trajectory of the same
+  length S = sampling_state * ceil(n0 / C) (150 for n0 = 50), started, like avici's,
+  at the deterministic steady state of the (intervened) system.
+- Increments: `increments="rademacher"` (default) uses ξ = ±1 with probability 1/2,
+  the simplified weak Euler scheme (Kloeden & Platen 1992, sec. 14.1): the same weak
+  order 1 as Gaussian Euler–Maruyama, so the same cell distributions up to O(dt), at
+  1/32 of the random bits; the reference tests compare it against avici.
+  `increments="gaussian"` draws standard normals.
+
+A design action is f32[d] in [-1, 1]; gene i is a target iff a_i > 0, for performing
+and for recording alike (the public release performed at > 0.5 but recorded > 0).
+With `intervention_noise` = p each gene's performed state is flipped with
+probability p (a target is not knocked out, or an off-target gene is), while the
+history records the intended design. The history holds the counts (dropouts are
+zeros); normalisation is left to the reward model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
+from caasl_jax.envs.graphs import GRAPH_KINDS, sample_graph, topological_depth
+
+INTERVENTION_KINDS = ("knockout", "knockdown")
+INCREMENT_KINDS = ("rademacher", "gaussian")
+_TINY = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class TechnicalNoise:
+    """Technical-noise settings of one sequencing platform (SERGIO's estimates)."""
+
+    outlier_prob: float
+    outlier_mean: float
+    outlier_scale: float
+    library_mean: float
+    library_scale: float
+    dropout_shape: float
+    dropout_percentile: float
+
+
+PLATFORMS: dict[str, TechnicalNoise] = {
+    "10x": TechnicalNoise(0.01, 3.0, 1.0, 6.0, 0.3, 8.0, 74.0),
+    "dropseq": TechnicalNoise(0.01, 3.0, 1.0, 4.4, 0.8, 8.0, 85.0),
+}
+
+
+@struct.dataclass
+class SergioParams:
+    """Hidden parameters of one gene-regulatory system (C cell types, d genes).
+
+    graph:            f32[d, d]  A[i, j] = 1 means gene i regulates gene j.
+    interactions:     f32[d, d]  signed strengths K (zero off the graph).
+    basal:            f32[C, d]  basal production per cell type (zero unless master).
+    half_response:    f32[d]     mean wild-type expression of each gene.
+    outlier_factor:   f32[d]     expression multiplier (1 except for outlier genes).
+    dropout_midpoint: f32[]      log(x + 1) mid-point of the dropout logistic.
+    """
+
+    graph: jax.Array
+    interactions: jax.Array
+    basal: jax.Array
+    half_response: jax.Array
+    outlier_factor: jax.Array
+    dropout_midpoint: jax.Array
+
+
+# --- kinetics --------------------------------------------------------------------------
+def hill_activation(x: jax.Array, half_response: jax.Array, hill: float) -> jax.Array:
+    """x^n / (h^n + x^n) per regulator; 0 at x = 0. x: f32[..., d], h: f32[d]."""
+    if hill == 1.0:
+        xn, hn = x, half_response
+    else:
+        xn, hn = jnp.power(x, hill), jnp.power(half_response, hill)
+    return xn / jnp.maximum(hn + xn, _TINY)
+
+
+def production_rates(
+    x: jax.Array,
+    basal: jax.Array,
+    interactions: jax.Array,
+    half_response: jax.Array,
+    hill: float,
+) -> jax.Array:
+    """Production P f32[..., d] given regulator levels x f32[..., d].
+
+    P_j = basal_j + sum_i |K_ij| (a_i if K_ij > 0 else 1 - a_i), a = hill_activation(x);
+    basal f32[..., d] broadcasts against x (zero for non-master genes).
+    """
+    chex.assert_equal_shape([interactions, jnp.zeros((x.shape[-1], x.shape[-1]))])
+    act = hill_activation(x, half_response, hill)
+    strength = jnp.abs(interactions)
+    repress = jnp.where(interactions < 0, strength, 0.0)
+    signed = jnp.where(interactions > 0, strength, 0.0) - repress
+    return basal + (act[..., :, None] * signed).sum(-2) + repress.sum(0)
+
+
+def euler_maruyama_step(
+    x: jax.Array, production: jax.Array, xi: jax.Array, decay: float, noise: float, dt: float
+) -> jax.Array:
+    """One chemical-Langevin step, all f32[..., d]; a gene with P = 0 and x = 0 stays 0."""
+    drift = production - decay * x
+    diffusion = noise * jnp.sqrt(jnp.maximum(production + decay * x, 0.0))
+    return jnp.maximum(0.0, x + dt * drift + math.sqrt(dt) * diffusion * xi)
+
+
+def draw_increments(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+    """f32[shape] unit-variance increments: ±1 (kind 'rademacher') or standard normals.
+
+    Drawn flat and reshaped (JAX's counter-based bits are cheaper for a 1-D shape);
+    32 Rademacher signs come from each random 32-bit word.
+    """
+    n = math.prod(shape)
+    if kind == "gaussian":
+        return jax.random.normal(key, (n,)).reshape(shape)
+    words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return (2.0 * bits.reshape(-1)[:n].astype(jnp.float32) - 1.0).reshape(shape)
+
+
+# --- technical noise ---------------------------------------------------------------------
+def library_size_effect(key: jax.Array, x: jax.Array, mean: float, scale: float) -> jax.Array:
+    """Rescale each cell (row of x f32[n, d]) to a total of LogNormal(mean, scale)."""
+    library = jnp.exp(mean + scale * jax.random.normal(key, x.shape[:-1] + (1,)))
+    total = x.sum(-1, keepdims=True)
+    return x * library / jnp.where(total == 0.0, 1.0, total)
+
+
+def dropout_midpoint(x: jax.Array, percentile: float) -> jax.Array:
+    """f32[]: the percentile of log(x + 1) over all entries of x (NumPy's linear rule)."""
+    return jnp.percentile(jnp.log1p(x).reshape(-1), percentile)
+
+
+def measure_counts(
+    key: jax.Array,
+    clean: jax.Array,
+    outlier_factor: jax.Array,
+    midpoint: jax.Array,
+    platform: TechnicalNoise,
+) -> jax.Array:
+    """Counts f32[n, d] of clean expression f32[n, d]: outliers, library, dropout, Poisson."""
+    chex.assert_rank(clean, 2)
+    library_key, dropout_key, count_key = jax.random.split(key, 3)
+    x = clean * outlier_factor
+    x = library_size_effect(library_key, x, platform.library_mean, platform.library_scale)
+    keep_prob = jax.nn.sigmoid(platform.dropout_shape * (jnp.log1p(x) - midpoint))
+    keep = jax.random.bernoulli(dropout_key, keep_prob)
+    return jax.random.poisson(count_key, jnp.where(keep, x, 0.0)).astype(jnp.float32)
+
+
+# --- the environment -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SergioEnv(Environment):
+    """A prior over SERGIO gene-regulatory systems plus a knockout budget (module docstring)."""
+
+    d: int = 10
+    n0: int = 50
+    budget: int = 10
+    samples_per_step: int = 1
+    graph_kind: str = "er"
+    edges_per_node: float = 3.0
+    intervention: str = "knockout"
+    intervention_noise: float = 0.0
+    platform: str = "10x"
+    n_cell_types: int = 5
+    basal_range: tuple[float, float] = (1.0, 3.0)
+    interaction_range: tuple[float, float] = (1.0, 5.0)
+    sign_beta: float = 0.5
+    hill: float = 1.0
+    decay: float = 0.8
+    noise_scale: float = 1.0
+    dt: float = 0.01
+    sampling_state: int = 15
+    increments: str = "rademacher"
+    score_fn: ScoreFn | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        validate_sizes(name, self.d, self.n0, self.budget, self.samples_per_step)
+        for value, allowed, what in [
+            (self.graph_kind, GRAPH_KINDS, "graph_kind"),
+            (self.intervention, INTERVENTION_KINDS, "intervention"),
+            (self.platform, tuple(PLATFORMS), "platform"),
+            (self.increments, INCREMENT_KINDS, "increments"),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"{name}: unknown {what} {value!r}; choose one of {allowed}")
+        checks = [
+            (self.edges_per_node > 0, f"edges_per_node must be > 0, got {self.edges_per_node}"),
+            (
+                0.0 <= self.intervention_noise < 1.0,
+                f"intervention_noise must be in [0, 1), got {self.intervention_noise}",
+            ),
+            (
+                isinstance(self.n_cell_types, int) and self.n_cell_types >= 1,
+                f"n_cell_types must be an integer >= 1, got {self.n_cell_types!r}",
+            ),
+            (
+                isinstance(self.sampling_state, int) and self.sampling_state >= 1,
+                f"sampling_state must be an integer >= 1, got {self.sampling_state!r}",
+            ),
+            (
+                0 < self.basal_range[0] <= self.basal_range[1],
+                f"basal_range must satisfy 0 < low <= high, got {self.basal_range}",
+            ),
+            (
+                0 < self.interaction_range[0] <= self.interaction_range[1],
+                f"interaction_range must satisfy 0 < low <= high, got {self.interaction_range}",
+            ),
+            (self.sign_beta > 0, f"sign_beta must be > 0, got {self.sign_beta}"),
+            (self.hill > 0, f"hill must be > 0, got {self.hill}"),
+            (self.decay > 0, f"decay must be > 0, got {self.decay}"),
+            (self.noise_scale >= 0, f"noise_scale must be >= 0, got {self.noise_scale}"),
+            (0 < self.dt * self.decay < 1, f"need 0 < dt * decay < 1, got dt={self.dt}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{name}: {message}")
+
+    # --- sizes ---------------------------------------------------------------------------
+    @property
+    def action_dim(self) -> int:
+        return self.d
+
+    @property
+    def cells_per_type(self) -> int:
+        """Wild-type cells drawn from each cell type's trajectory: ceil(n0 / C)."""
+        return -(-self.n0 // self.n_cell_types)
+
+    @property
+    def n_steps(self) -> int:
+        """S: Euler–Maruyama steps of every trajectory (sampling_state per wild-type cell)."""
+        return self.sampling_state * self.cells_per_type
+
+    @property
+    def noise(self) -> TechnicalNoise:
+        return PLATFORMS[self.platform]
+
+    # --- prior ------------------------------------------------------------------------------
+    def sample_params(self, key: jax.Array) -> SergioParams:
+        graph_key, system_key = jax.random.split(key)
+        graph = sample_graph(graph_key, self.d, self.graph_kind, self.edges_per_node)
+        return self.params_for_graph(system_key, graph)
+
+    def params_for_graph(self, key: jax.Array, graph: jax.Array) -> SergioParams:
+        """Draw the mechanisms of a given DAG f32[d, d] and calibrate the wild type."""
+        chex.assert_shape(graph, (self.d, self.d))
+        d, c = self.d, self.n_cell_types
+        strength_key, p_key, sign_key, basal_key, outlier_key, calib_key = jax.random.split(key, 6)
+        graph = (graph != 0).astype(jnp.float32)
+        strength = jax.random.uniform(strength_key, (d, d), minval=self.interaction_range[0],
+                                      maxval=self.interaction_range[1])
+        positive_prob = jax.random.beta(p_key, self.sign_beta, self.sign_beta, (d, 1))
+        sign = jnp.where(jax.random.bernoulli(sign_key, positive_prob, (d, d)), 1.0, -1.0)
+        interactions = graph * strength * sign
+        is_master = graph.sum(0) == 0
+        basal = jax.random.uniform(basal_key, (c, d), minval=self.basal_range[0],
+                                   maxval=self.basal_range[1]) * is_master
+        outlier_factor = self._outlier_factor(outlier_key)
+        half_response, midpoint = self.calibrate(calib_key, graph, interactions, basal,
+                                                 outlier_factor)
+        return SergioParams(
+            graph=graph,
+            interactions=interactions,
+            basal=basal,
+            half_response=half_response,
+            outlier_factor=outlier_factor,
+            dropout_midpoint=midpoint,
+        )
+
+    def _outlier_factor(self, key: jax.Array) -> jax.Array:
+        """f32[d]: LogNormal(mean, scale) for outlier genes (prob outlier_prob), else 1."""
+        pick_key, factor_key = jax.random.split(key)
+        noise = self.noise
+        is_outlier = jax.random.bernoulli(pick_key, noise.outlier_prob, (self.d,))
+        factor = jnp.exp(noise.outlier_mean + noise.outlier_scale * jax.random.normal(factor_key, (self.d,)))
+        return jnp.where(is_outlier, factor, 1.0)
+
+    def calibrate(
+        self,
+        key: jax.Array,
+        graph: jax.Array,
+        interactions: jax.Array,
+        basal: jax.Array,
+        outlier_factor: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Simulate the wild type level by level; return (half_response f32[d], midpoint f32[]).
+
+        One trajectory of S steps per cell type, f32[S, C, d]. Pass p (of d, a fixed
+        count) simulates every gene driven by the stored trajectories of its regulators
+        and keeps the result only for the genes of depth p (longest path from a master),
+        whose regulators were all fixed by earlier passes; the genes of depth p start at
+        P(per-type mean of their regulators) / λ, as in SERGIO. The increments are drawn
+        once and shared by the passes: each gene keeps those of the one pass that fixes
+        it, so every gene still gets independent noise.
+        """
+        d, c, s = self.d, self.n_cell_types, self.n_steps
+        noise_key, measure_key = jax.random.split(key)
+        xi = draw_increments(noise_key, (s, c, d), self.increments)
+        depth = topological_depth(graph)
+
+        def produce(x, half_response):
+            return production_rates(x, basal, interactions, half_response, self.hill)
+
+        def level_pass(level, carry):
+            trajectory, half_response = carry
+            start = produce(trajectory.mean(0), half_response) / self.decay  # [C, d]
+            drive = produce(trajectory, half_response)  # [S, C, d]
+
+            def body(x, inputs):
+                production, noise = inputs
+                nxt = euler_maruyama_step(x, production, noise, self.decay, self.noise_scale,
+                                          self.dt)
+                return nxt, x
+
+            _, fresh = jax.lax.scan(body, start, (drive, xi))
+            trajectory = jnp.where(depth == level, fresh, trajectory)
+            return trajectory, trajectory.mean((0, 1))
+
+        init = (jnp.zeros((s, c, d), jnp.float32), jnp.zeros((d,), jnp.float32))
+        trajectory, half_response = jax.lax.fori_loop(0, d, level_pass, init)
+
+        # dropout mid-point of this system: SERGIO's percentile over a wild-type data set
+        snap_key, library_key = jax.random.split(measure_key)
+        cells = _snapshots(snap_key, trajectory, self.cells_per_type).reshape(-1, d)
+        noise = self.noise
+        x = library_size_effect(library_key, cells * outlier_factor, noise.library_mean,
+                                noise.library_scale)
+        return half_response, dropout_midpoint(x, noise.dropout_percentile)
+
+    # --- simulation -------------------------------------------------------------------------
+    def steady_state_guess(self, params: SergioParams, basal: jax.Array, factor: jax.Array):
+        """Deterministic steady state f32[m, d] of the system with per-gene production
+        factors `factor` f32[d] (1 wild type, 0 knockout, 0.5 knockdown) and per-trajectory
+        basal rates f32[m, d]: the fixed point x = f P(x) / λ, exact after d sweeps on a DAG.
+        """
+
+        def sweep(_, x):
+            production = production_rates(x, basal, params.interactions, params.half_response,
+                                          self.hill)
+            return factor * production / self.decay
+
+        return jax.lax.fori_loop(0, self.d, sweep, jnp.zeros_like(basal))
+
+    def simulate_clean(
+        self,
+        key: jax.Array,
+        params: SergioParams,
+        factor: jax.Array,
+        cell_types: jax.Array,
+        cells_per_trajectory: int,
+    ) -> jax.Array:
+        """Clean expression f32[m, cells_per_trajectory, d] before technical noise.
+
+        One trajectory per entry of `cell_types` i32[m] (m trajectories of S steps, all
+        genes jointly), started at the deterministic steady state; each cell is a
+        snapshot at a uniform random step. `factor` f32[d] scales each gene's production
+        for all time (0 for a knockout, so that gene is exactly 0).
+        """
+        chex.assert_shape(factor, (self.d,))
+        chex.assert_rank(cell_types, 1)
+        noise_key, snap_key = jax.random.split(key)
+        basal = params.basal[cell_types]  # [m, d]
+        start = self.steady_state_guess(params, basal, factor)
+        xi = draw_increments(noise_key, (self.n_steps,) + basal.shape, self.increments)
+
+        def body(x, noise):
+            production = factor * production_rates(x, basal, params.interactions,
+                                                   params.half_response, self.hill)
+            nxt = euler_maruyama_step(x, production, noise, self.decay, self.noise_scale, self.dt)
+            return nxt, x
+
+        _, trajectory = jax.lax.scan(body, start, xi)  # [S, m, d]
+        return _snapshots(snap_key, trajectory, cells_per_trajectory)
+
+    def production_factor(self, performed: jax.Array) -> jax.Array:
+        """f32[d] production multiplier of the performed targets f32[d] (0/1)."""
+        per_target = 0.0 if self.intervention == "knockout" else 0.5
+        return jnp.where(performed > 0, per_target, 1.0)
+
+    def performed_targets(self, key: jax.Array, intended: jax.Array) -> jax.Array:
+        """f32[d] targets actually hit: each gene flipped w.p. intervention_noise."""
+        if self.intervention_noise == 0.0:
+            return intended
+        flip = jax.random.bernoulli(key, self.intervention_noise, intended.shape)
+        return jnp.where(flip, 1.0 - intended, intended)
+
+    def wild_type_clean(self, key: jax.Array, params: SergioParams) -> jax.Array:
+        """Clean wild-type expression f32[n0, d]: ceil(n0 / C) cells per type, shuffled."""
+        sim_key, perm_key = jax.random.split(key)
+        types = jnp.arange(self.n_cell_types)
+        cells = self.simulate_clean(sim_key, params, jnp.ones((self.d,)), types,
+                                    self.cells_per_type).reshape(-1, self.d)
+        return jax.random.permutation(perm_key, cells)[: self.n0]
+
+    def design_clean(self, key: jax.Array, params: SergioParams, performed: jax.Array):
+        """Clean expression f32[k, d] of k = samples_per_step cells under `performed`."""
+        type_key, sim_key = jax.random.split(key)
+        types = jax.random.randint(type_key, (self.samples_per_step,), 0, self.n_cell_types)
+        cells = self.simulate_clean(sim_key, params, self.production_factor(performed), types, 1)
+        return cells[:, 0]
+
+    def measure(self, key: jax.Array, params: SergioParams, clean: jax.Array) -> jax.Array:
+        """Counts f32[n, d] of clean cells f32[n, d] with this system's technical noise."""
+        return measure_counts(key, clean, params.outlier_factor, params.dropout_midpoint,
+                              self.noise)
+
+    def _initial_rows(self, key: jax.Array, params: SergioParams) -> jax.Array:
+        sim_key, measure_key = jax.random.split(key)
+        return self.measure(measure_key, params, self.wild_type_clean(sim_key, params))
+
+    def _design_rows(self, key: jax.Array, action: jax.Array, params: SergioParams):
+        flip_key, sim_key, measure_key = jax.random.split(key, 3)
+        intended = action_targets(action, self.d)
+        performed = self.performed_targets(flip_key, intended)
+        counts = self.measure(measure_key, params, self.design_clean(sim_key, params, performed))
+        return counts, jnp.broadcast_to(intended, counts.shape)
+
+
+def _snapshots(key: jax.Array, trajectory: jax.Array, per_trajectory: int) -> jax.Array:
+    """Cells f32[m, per_trajectory, d] at uniform random steps of trajectory f32[S, m, d]."""
+    s, m, _ = trajectory.shape
+    times = jax.random.randint(key, (m, per_trajectory), 0, s)
+    return trajectory[times, jnp.arange(m)[:, None]]
+
+
+SERGIO_VARIANTS: dict[str, dict] = {
+    "": {},
+    "ood-graph": {"graph_kind": "sf"},
+    "ood-dropseq": {"platform": "dropseq"},
+    "ood-knockdown": {"intervention": "knockdown"},
+    "ood-noisy": {"intervention_noise": 0.1},
+}

@@ -1,0 +1,397 @@
+"""Pretraining the AVICI reward model on histories drawn from our environments.
+
+    caasl pretrain-reward --env linear-d10 --out runs/reward-linear-d10 [options]
+
+Each training step draws `batch` fresh systems from the environment prior inside the
+compiled step and builds, per system, a history of the env's n0 observational rows
+plus a random number 0..T of design rows from random designs, as a design policy
+would produce them: with probability p_single one random target, with probability
+p_multi a random subset of targets (each variable with a random rate in
+[0.1, 0.5]), otherwise no target (an observational sample); values uniform in
+[-1, 1] (the policy's action range). Rows beyond the drawn number are padding and
+are masked.
+
+Loss: binary cross-entropy over the off-diagonal entries, averaged over d(d-1) and
+the batch (AVICI's loss). Optional acyclicity penalty (--acyclicity W): W times the
+spectral radius of the edge-probability matrix estimated by power iteration
+(NO-BEARS, Lee et al. 2019), with a fixed weight instead of AVICI's dual ascent.
+
+Optimiser: AdamW with linear warm-up then cosine decay, global-norm clip 1.0.
+Several steps run per host call inside `lax.scan`. With more than one local device
+the step runs under `jax.shard_map` over a 1-D "data" mesh, each device drawing its
+own share of the batch and the gradients averaged with `lax.pmean`.
+
+Held-out evaluation every --eval-every steps on --eval-envs fixed systems (seeded by
+--eval-seed): history = n0 observational rows + T single-target random
+do-interventions; reports the mean expected correct entries (of d^2, diagonal
+included), AUPRC, expected SHD, SHD, edge F1 and AUROC. The best parameters by
+expected correct entries are written to <out>/best.msgpack (load with
+`caasl_jax.reward.checkpoint.load_weights`), and copied to --export if given.
+
+Orbax checkpoints every --ckpt-every steps under <out>/ckpt; rerunning the same
+command resumes from the latest one (the config must match; see <out>/run.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+from caasl_jax.metrics import batch_metrics
+from caasl_jax.reward.checkpoint import save_weights
+from caasl_jax.reward.model import AviciConfig, edge_logits, edge_probs, init_params, param_count
+
+
+# --------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class DesignMix:
+    """Random design policy used to build training histories."""
+
+    max_designs: int  # T: 0..T design rows per history
+    p_single: float = 0.5
+    p_multi: float = 0.4  # remaining probability: observational design rows
+
+
+def random_action(key: jax.Array, d: int, mix: DesignMix) -> jax.Array:
+    """A random design action f32[2d]: targets where a_i > 0, values a_{d+i} in [-1, 1]."""
+    kind_key, single_key, rate_key, subset_key, value_key = jax.random.split(key, 5)
+    kind = jax.random.uniform(kind_key)
+    single = jax.nn.one_hot(jax.random.randint(single_key, (), 0, d), d) > 0
+    rate = jax.random.uniform(rate_key, minval=0.1, maxval=0.5)
+    subset = jax.random.bernoulli(subset_key, rate, (d,))
+    targets = jnp.where(
+        kind < mix.p_single, single, jnp.where(kind < mix.p_single + mix.p_multi, subset, False)
+    )
+    values = jax.random.uniform(value_key, (d,), minval=-1.0, maxval=1.0)
+    return jnp.concatenate([jnp.where(targets, 1.0, -1.0), values])
+
+
+def single_target_action(key: jax.Array, d: int) -> jax.Array:
+    """Random single-target do design f32[2d] (the evaluation's random baseline)."""
+    target_key, value_key = jax.random.split(key)
+    target = jax.nn.one_hot(jax.random.randint(target_key, (), 0, d), d) > 0
+    values = jax.random.uniform(value_key, (d,), minval=-1.0, maxval=1.0)
+    return jnp.concatenate([jnp.where(target, 1.0, -1.0), values])
+
+
+def rollout_history(env, key: jax.Array, env_params, action_fn, n_designs) -> tuple:
+    """History of env.n0 observational rows plus `n_designs` (<= T) design rows.
+
+    action_fn(key) -> f32[2d]. Returns (data f32[N, d, 2] with zero padding, mask bool[N]).
+    """
+    reset_key, loop_key = jax.random.split(key)
+    history, state = env.reset(reset_key, env_params)
+
+    def body(state, step_key):
+        act_key, env_key = jax.random.split(step_key)
+        _, state, _, _, _ = env.step(env_key, state, action_fn(act_key), env_params)
+        return state, None
+
+    if env.budget > 0:
+        state, _ = jax.lax.scan(body, state, jax.random.split(loop_key, env.budget))
+    n_rows = state.history.data.shape[0]
+    mask = jnp.arange(n_rows) < env.n0 + n_designs * env.samples_per_step
+    data = jnp.where(mask[:, None, None], state.history.data, 0.0)
+    return data, mask
+
+
+def sample_training_batch(env, key: jax.Array, batch: int, mix: DesignMix):
+    """batch fresh (data f32[B, N, d, 2], mask bool[B, N], graph f32[B, d, d])."""
+
+    def one(k):
+        param_key, n_key, hist_key = jax.random.split(k, 3)
+        env_params = env.sample_params(param_key)
+        n_designs = jax.random.randint(n_key, (), 0, mix.max_designs + 1)
+        data, mask = rollout_history(
+            env, hist_key, env_params, lambda a: random_action(a, env.d, mix), n_designs
+        )
+        return data, mask, env_params.graph.astype(jnp.float32)
+
+    return jax.vmap(one)(jax.random.split(key, batch))
+
+
+def heldout_set(env, key: jax.Array, n_envs: int):
+    """Fixed evaluation set: n0 obs + T single-target random do rows per system."""
+
+    def one(k):
+        param_key, hist_key = jax.random.split(k)
+        env_params = env.sample_params(param_key)
+        data, mask = rollout_history(
+            env, hist_key, env_params, lambda a: single_target_action(a, env.d), env.budget
+        )
+        return data, mask, env_params.graph.astype(jnp.float32)
+
+    return jax.jit(jax.vmap(one))(jax.random.split(key, n_envs))
+
+
+# --------------------------------------------------------------------------- loss
+def bce_offdiag(logits: jax.Array, graph: jax.Array) -> jax.Array:
+    """Mean BCE over off-diagonal entries. logits, graph f32[B, d, d] -> scalar."""
+    d = logits.shape[-1]
+    per = -(graph * jax.nn.log_sigmoid(logits) + (1.0 - graph) * jax.nn.log_sigmoid(-logits))
+    off = 1.0 - jnp.eye(d)
+    return jnp.mean(jnp.sum(per * off, (-1, -2)) / (d * (d - 1)))
+
+
+def spectral_radius(probs: jax.Array, iters: int = 10) -> jax.Array:
+    """Power-iteration estimate of the spectral radius of nonnegative f32[..., d, d]."""
+    u = jnp.ones(probs.shape[:-1], probs.dtype)
+    v = jnp.ones(probs.shape[:-1], probs.dtype)
+    for _ in range(iters):
+        u = jnp.einsum("...i,...ij->...j", u, probs)
+        v = jnp.einsum("...ij,...j->...i", probs, v)
+        u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-12)
+        v = v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
+    u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+    num = jnp.einsum("...i,...ij,...j->...", u, probs, v)
+    return num / (jnp.einsum("...i,...i->...", u, v) + 1e-12)
+
+
+def loss_fn(params, config: AviciConfig, data, mask, graph, dropout_key, acyclicity: float):
+    logits = edge_logits(params, data, mask, config, dropout_key=dropout_key)
+    loss = bce_offdiag(logits, graph)
+    aux = {"bce": loss}
+    if acyclicity > 0:
+        d = graph.shape[-1]
+        probs = jax.nn.sigmoid(logits) * (1.0 - jnp.eye(d))
+        penalty = jnp.mean(spectral_radius(probs))
+        loss = loss + acyclicity * penalty
+        aux["acyclicity"] = penalty
+    return loss, aux
+
+
+# --------------------------------------------------------------------------- train step
+def make_optimizer(lr: float, warmup: int, total: int, weight_decay: float, clip: float = 1.0):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(1, warmup), max(total, warmup + 1), end_value=0.05 * lr
+    )
+    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    return tx, schedule
+
+
+def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, acyclicity: float):
+    """chunk(params, opt_state, key) -> (params, opt_state, metrics) running `steps` steps.
+
+    With several local devices it runs under shard_map (batch split over devices,
+    gradients pmean-ed); `batch` is the global batch size.
+    """
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    if batch % n_dev:
+        raise ValueError(f"batch {batch} must be divisible by the {n_dev} local devices")
+    per_device = batch // n_dev
+
+    def one_step(axis, carry, step_key):
+        params, opt_state = carry
+        if axis is not None:
+            step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis))
+        data_key, drop_key = jax.random.split(step_key)
+        data, mask, graph = sample_training_batch(env, data_key, per_device, mix)
+        drop = drop_key if config.dropout > 0 else None
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, config, data, mask, graph, drop, acyclicity
+        )
+        if axis is not None:
+            grads = jax.lax.pmean(grads, axis)
+            aux = jax.lax.pmean(aux, axis)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        aux = {**aux, "grad_norm": optax.global_norm(grads)}
+        return (params, opt_state), aux
+
+    def chunk(axis, params, opt_state, key):
+        (params, opt_state), aux = jax.lax.scan(
+            functools.partial(one_step, axis), (params, opt_state), jax.random.split(key, steps)
+        )
+        return params, opt_state, jax.tree.map(jnp.mean, aux)
+
+    if n_dev == 1:
+        return jax.jit(functools.partial(chunk, None), donate_argnums=(0, 1))
+    mesh = Mesh(np.array(devices), ("data",))
+    rep = PartitionSpec()
+    sharded = jax.shard_map(
+        functools.partial(chunk, "data"), mesh=mesh, in_specs=(rep, rep, rep),
+        out_specs=(rep, rep, rep), check_vma=False,
+    )
+    return jax.jit(sharded, donate_argnums=(0, 1))
+
+
+def make_evaluator(config: AviciConfig, heldout, chunk: int = 50):
+    data, mask, graph = heldout
+
+    @jax.jit
+    def probs_of(params, x, m):
+        return edge_probs(params, x, m, config)
+
+    def evaluate(params) -> dict[str, float]:
+        probs = jnp.concatenate(
+            [probs_of(params, data[i : i + chunk], mask[i : i + chunk])
+             for i in range(0, data.shape[0], chunk)]
+        )
+        metrics = jax.jit(batch_metrics)(probs, graph)
+        return {k: float(jnp.mean(v)) for k, v in metrics.items()}
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="caasl pretrain-reward",
+        description="Pretrain the AVICI reward model on histories from a caasl-jax environment.",
+    )
+    p.add_argument("--env", default="linear-d10", help="environment name (registry)")
+    p.add_argument("--out", default=None, help="run folder (default runs/reward-<env>)")
+    p.add_argument("--steps", type=int, default=20000, help="total optimisation steps")
+    p.add_argument("--batch", type=int, default=64, help="global histories per step")
+    p.add_argument("--steps-per-call", type=int, default=10, help="steps per compiled call")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2, help="L (the network has 2L blocks)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--key-size", type=int, default=16)
+    p.add_argument("--widening", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--standardization", default="auto",
+                   choices=["auto", "zscore", "log2_cpm", "none"],
+                   help="auto: log2_cpm for sergio envs, zscore otherwise")
+    p.add_argument("--p-single", type=float, default=0.5)
+    p.add_argument("--p-multi", type=float, default=0.4)
+    p.add_argument("--acyclicity", type=float, default=0.0, help="acyclicity penalty weight")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-envs", type=int, default=100)
+    p.add_argument("--eval-seed", type=int, default=12345)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--export", default=None, help="also copy the best weights to this path")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _config_from_args(args, env_name: str) -> AviciConfig:
+    std = args.standardization
+    if std == "auto":
+        std = "log2_cpm" if env_name.startswith("sergio") else "zscore"
+    return AviciConfig(dim=args.dim, layers=args.layers, heads=args.heads, key_size=args.key_size,
+                       widening=args.widening, dropout=args.dropout, standardization=std)
+
+
+def _check_run_file(out: Path, run: dict) -> None:
+    path = out / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        keys = ("env", "config", "batch", "lr", "warmup", "steps", "weight_decay", "seed")
+        diff = [k for k in keys if old.get(k) != run.get(k)]
+        if diff:
+            raise SystemExit(
+                f"{out} holds a run with different settings ({', '.join(diff)}); "
+                "use another --out or the same options to resume"
+            )
+    else:
+        path.write_text(json.dumps(run, indent=2, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `caasl pretrain-reward`. Returns a process exit status."""
+    args = build_parser().parse_args(argv)
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    from caasl_jax.envs.registry import make_env
+
+    env = make_env(args.env)
+    config = _config_from_args(args, args.env)
+    out = Path(args.out or f"runs/reward-{args.env}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.steps % args.steps_per_call:
+        raise SystemExit("--steps must be a multiple of --steps-per-call")
+    for every in (args.eval_every, args.ckpt_every):
+        if every % args.steps_per_call:
+            raise SystemExit("--eval-every and --ckpt-every must be multiples of --steps-per-call")
+    run = {"env": args.env, "config": config.to_dict(), "batch": args.batch, "lr": args.lr,
+           "warmup": args.warmup, "steps": args.steps, "weight_decay": args.weight_decay,
+           "seed": args.seed, "p_single": args.p_single, "p_multi": args.p_multi,
+           "acyclicity": args.acyclicity, "devices": jax.local_device_count(),
+           "argv": sys.argv[1:] if argv is None else list(argv)}
+    _check_run_file(out, run)
+
+    mix = DesignMix(max_designs=env.budget, p_single=args.p_single, p_multi=args.p_multi)
+    tx, schedule = make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay)
+    key = jax.random.key(args.seed)
+    init_key, train_key = jax.random.split(key)
+    params = init_params(init_key, config, env.d)
+    opt_state = tx.init(params)
+    chunk = make_train_chunk(env, config, tx, mix, args.batch, args.steps_per_call, args.acyclicity)
+    evaluate = make_evaluator(config, heldout_set(env, jax.random.key(args.eval_seed), args.eval_envs))
+
+    manager = ocp.CheckpointManager(
+        out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+    log_path, best_path = out / "log.jsonl", out / "best.msgpack"
+    best, step, elapsed = -np.inf, 0, 0.0
+    latest = manager.latest_step()
+    if latest is not None:
+        target = {"params": params, "opt_state": opt_state, "elapsed": np.zeros(()),
+                  "best": np.zeros(())}
+        restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+        params, opt_state = restored["params"], restored["opt_state"]
+        elapsed, best = float(restored["elapsed"]), float(restored["best"])
+        step = int(latest)
+        print(f"resumed from {out / 'ckpt'} at step {step} (best {best:.2f})", flush=True)
+    print(f"reward model: {param_count(params):,} parameters, config {config}", flush=True)
+
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    t_start = time.time() - elapsed
+    start_of_run = time.time()
+    while step < args.steps:
+        if args.time_limit is not None and time.time() - start_of_run > args.time_limit:
+            break
+        params, opt_state, aux = chunk(params, opt_state, jax.random.fold_in(train_key, step))
+        step += args.steps_per_call
+        bar.update(args.steps_per_call)
+        bar.set_postfix(loss=f"{float(aux['bce']):.4f}", best=f"{best:.2f}")
+        record = None
+        if step % args.eval_every == 0 or step >= args.steps:
+            metrics = evaluate(params)
+            record = {"step": step, "time_s": round(time.time() - t_start, 1),
+                      "lr": float(schedule(step)), **{k: float(v) for k, v in aux.items()},
+                      **{f"eval_{k}": v for k, v in metrics.items()}}
+            if metrics["expected_correct"] > best:
+                best = metrics["expected_correct"]
+                meta = {"env": args.env, "step": step, "train_time_s": record["time_s"],
+                        "heldout": metrics, "eval_envs": args.eval_envs,
+                        "eval_seed": args.eval_seed, "argv": run["argv"]}
+                save_weights(best_path, params, config, meta)
+                if args.export:
+                    shutil.copyfile(best_path, args.export)
+            record["best_expected_correct"] = best
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                  for k, v in record.items()}))
+        if step % args.ckpt_every == 0 or step >= args.steps:
+            state = {"params": params, "opt_state": opt_state,
+                     "elapsed": np.asarray(time.time() - t_start), "best": np.asarray(best)}
+            manager.save(step, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    bar.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

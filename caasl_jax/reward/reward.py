@@ -1,0 +1,63 @@
+"""CAASL's reward: the expected number of correct adjacency entries (paper eq. 3).
+
+For a history h and the true graph A (f32[d, d], A[i, j] = 1 for i -> j) the AVICI
+posterior gives independent edge probabilities p_ij = q(A_ij = 1 | h). The paper
+estimates E_{G ~ q}[sum_ij 1{G_ij = A_ij}] with Monte-Carlo graph samples; by
+linearity of expectation it is exactly
+
+    R(h) = sum_ij [A_ij p_ij + (1 - A_ij)(1 - p_ij)],
+
+over all d^2 entries, diagonal included (with p_ii = 0 and A_ii = 0 every diagonal
+entry is correct, so R ranges over [d, d^2]). No sampling, no variance. The step
+reward is the improvement r_t = R(h_t) - R(h_{t-1}), so an episode's undiscounted
+return telescopes to R(h_T) - R(h_0). The environments compute that difference
+themselves once a score is plugged in:
+
+    score_fn = make_score_fn(params, config)
+    env = make_env("linear-d10").with_score(score_fn)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from caasl_jax.metrics import expected_correct_entries
+from caasl_jax.reward.model import AviciConfig, Params, edge_probs
+
+__all__ = ["expected_correct_entries", "make_score_fn", "reward_from_probs", "step_reward"]
+
+
+def reward_from_probs(probs: jax.Array, graph: jax.Array) -> jax.Array:
+    """R for edge probabilities and true graphs f32[..., d, d] -> f32[...]."""
+    chex.assert_equal_shape([probs, graph])
+    if probs.ndim == 2:
+        return expected_correct_entries(probs, graph)
+    flat_p = probs.reshape(-1, *probs.shape[-2:])
+    flat_a = graph.reshape(-1, *graph.shape[-2:])
+    return jax.vmap(expected_correct_entries)(flat_p, flat_a).reshape(probs.shape[:-2])
+
+
+def step_reward(probs_before: jax.Array, probs_after: jax.Array, graph: jax.Array) -> jax.Array:
+    """r_t = R(h_t) - R(h_{t-1}) from the posteriors before and after a design step."""
+    return reward_from_probs(probs_after, graph) - reward_from_probs(probs_before, graph)
+
+
+def make_score_fn(params: Params, config: AviciConfig) -> Callable:
+    """score_fn(history, graph) -> f32[] = R(history) under the AVICI model (params, config).
+
+    `history` is a caasl_jax.envs.core.History (data f32[N, d, 2], length i32[]);
+    its padding rows are masked. Jittable and vmappable; params are closed over.
+    """
+
+    def score_fn(history, graph: jax.Array) -> jax.Array:
+        chex.assert_rank(history.data, 3)
+        d = history.data.shape[-2]
+        chex.assert_shape(graph, (d, d))
+        probs = edge_probs(params, history.data, history.mask, config)
+        return expected_correct_entries(probs, jnp.asarray(graph, jnp.float32))
+
+    return score_fn
