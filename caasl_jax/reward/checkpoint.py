@@ -178,7 +178,9 @@ def read_avici_pickle(path: str | Path) -> Any:
             return _CheckpointUnpickler(io.BufferedReader(f)).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
             TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not an AVICI checkpoint pickle ({type(err).__name__}: {err})")
+        raise ValueError(
+            f"{path}: not an AVICI checkpoint pickle ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _state_params(state: Any, path: Path) -> dict:

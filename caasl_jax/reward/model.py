@@ -26,10 +26,10 @@ use epsilon 1e-5 and the exact two-pass variance, as Haiku does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,9 @@ class AviciConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AviciConfig.{name} must be a positive integer, got {value!r}")
         if self.out_dim is not None and (not isinstance(self.out_dim, int) or self.out_dim < 1):
-            raise ValueError(f"AviciConfig.out_dim must be None or a positive int, got {self.out_dim!r}")
+            raise ValueError(
+                f"AviciConfig.out_dim must be None or a positive int, got {self.out_dim!r}"
+            )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"AviciConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.standardization not in ("zscore", "log2_cpm", "none"):
@@ -203,8 +205,9 @@ def _check_inputs(data, mask):
     return mask.astype(bool)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "d", "n"))
 def init_params(key: jax.Array, config: AviciConfig, d: int, n: int = 4) -> Params:
-    """Initial parameters (shapes do not depend on d or n)."""
+    """Initial parameters (shapes do not depend on d or n). Jitted."""
     data = jnp.zeros((n, d, 2), jnp.float32)
     return AviciNet(config).init(key, data, jnp.ones((n,), bool))["params"]
 
@@ -220,9 +223,15 @@ def edge_logits(
     """Edge logits f32[..., d, d] of raw history data f32[..., N, d, 2], mask bool[..., N].
 
     Standardises channel 0 per `config.standardization` (padding-aware). Dropout is
-    active only when `dropout_key` is given. The diagonal is not masked.
+    active only when `dropout_key` is given. The diagonal is not masked. Jitted
+    (config static); calling it inside another jit or vmap is fine.
     """
     mask = _check_inputs(data, mask)
+    return _edge_logits(params, data, mask, config, dropout_key)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _edge_logits(params, data, mask, config, dropout_key):
     x = standardize(data.astype(jnp.float32), mask, config.standardization)
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}

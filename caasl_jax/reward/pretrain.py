@@ -177,7 +177,9 @@ def make_optimizer(lr: float, warmup: int, total: int, weight_decay: float, clip
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, max(1, warmup), max(total, warmup + 1), end_value=0.05 * lr
     )
-    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay)
+    )
     return tx, schedule
 
 
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     params = init_params(init_key, config, env.d)
     opt_state = tx.init(params)
     chunk = make_train_chunk(env, config, tx, mix, args.batch, args.steps_per_call, args.acyclicity)
-    evaluate = make_evaluator(config, heldout_set(env, jax.random.key(args.eval_seed), args.eval_envs))
+    heldout = heldout_set(env, jax.random.key(args.eval_seed), args.eval_envs)
+    evaluate = make_evaluator(config, heldout)
 
     manager = ocp.CheckpointManager(
         out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
