@@ -55,7 +55,10 @@ def _random_params(model, d, seed):
     params = model.net.init(jax.random.PRNGKey(seed), x, False)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)]
+    leaves = [
+        leaf + 0.3 * jax.random.normal(k, leaf.shape)
+        for leaf, k in zip(leaves, keys, strict=True)
+    ]
     return jax.tree.unflatten(tree, leaves)
 
 

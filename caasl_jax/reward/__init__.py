@@ -1,0 +1,50 @@
+"""The AVICI reward model: network, standardisation, checkpoints, reward and pretraining.
+
+    from caasl_jax.reward import load_pretrained, make_score_fn
+    params, config, meta = load_pretrained("linear-d10")
+    env = make_env("linear-d10").with_score(make_score_fn(params, config))
+"""
+
+from caasl_jax.reward.checkpoint import (
+    Pretrained,
+    available_pretrained,
+    load_avici_checkpoint,
+    load_pretrained,
+    load_weights,
+    save_weights,
+)
+from caasl_jax.reward.model import (
+    AviciConfig,
+    AviciModel,
+    AviciNet,
+    edge_logits,
+    edge_probs,
+    init_params,
+    param_count,
+)
+from caasl_jax.reward.reward import (
+    expected_correct_entries,
+    make_score_fn,
+    reward_from_probs,
+    step_reward,
+)
+
+__all__ = [
+    "AviciConfig",
+    "AviciModel",
+    "AviciNet",
+    "Pretrained",
+    "available_pretrained",
+    "edge_logits",
+    "edge_probs",
+    "expected_correct_entries",
+    "init_params",
+    "load_avici_checkpoint",
+    "load_pretrained",
+    "load_weights",
+    "make_score_fn",
+    "param_count",
+    "reward_from_probs",
+    "save_weights",
+    "step_reward",
+]

@@ -1,0 +1,99 @@
+"""Weights files: our msgpack format, shipped weights, and the AVICI loader's error paths."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from caasl_jax.reward.checkpoint import (
+    available_pretrained,
+    haiku_to_flax,
+    load_avici_checkpoint,
+    load_pretrained,
+    load_weights,
+    read_avici_pickle,
+    save_weights,
+)
+from caasl_jax.reward.model import AviciConfig, edge_probs, init_params
+
+CFG = AviciConfig(dim=16, layers=1, heads=2, key_size=4, widening=2, out_dim=8)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(jax.random.key(0), CFG, 3)
+
+
+def test_save_load_roundtrip(tmp_path, params):
+    path = save_weights(tmp_path / "w.msgpack", params, CFG, {"step": 7})
+    loaded, config, meta = load_weights(path)
+    assert config == CFG and meta == {"step": 7}
+    jax.tree.map(np.testing.assert_array_equal, params, loaded)
+
+
+def test_load_weights_rejects_other_files(tmp_path, params):
+    with pytest.raises(ValueError, match="no such weights file"):
+        load_weights(tmp_path / "missing.msgpack")
+    (tmp_path / "junk.msgpack").write_bytes(b"\x00\x01not msgpack at all")
+    with pytest.raises(ValueError, match="not a caasl-jax weights file"):
+        load_weights(tmp_path / "junk.msgpack")
+    good = save_weights(tmp_path / "good.msgpack", params, CFG).read_bytes()
+    (tmp_path / "cut.msgpack").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="not a caasl-jax weights file"):
+        load_weights(tmp_path / "cut.msgpack")
+    with pytest.raises(ValueError, match="shape"):
+        save_weights(tmp_path / "bad.msgpack", params, AviciConfig(dim=16, layers=1, heads=4,
+                                                                   key_size=4, widening=2))
+
+
+def test_shipped_weights_load_with_one_call():
+    names = available_pretrained()
+    if not names:
+        pytest.skip("no shipped weights in caasl_jax/weights/")
+    for name in names:
+        params, config, meta = load_pretrained(name)
+        d = int(name.rsplit("-d", 1)[1])
+        data = np.random.default_rng(0).normal(size=(20, d, 2)).astype(np.float32)
+        data[..., 1] = 0.0
+        probs = np.asarray(edge_probs(params, data, None, config))
+        assert probs.shape == (d, d) and np.all(np.isfinite(probs))
+        assert "heldout" in meta and "step" in meta
+    with pytest.raises(ValueError, match="no shipped reward-model weights"):
+        load_pretrained("no-such-model")
+
+
+def test_avici_loader_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        load_avici_checkpoint(tmp_path / "nope")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="no kwargs.json"):
+        load_avici_checkpoint(folder)
+    (folder / "kwargs.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_avici_checkpoint(folder)
+    (folder / "kwargs.json").write_text(json.dumps({"neural_net_kwargs": {"dim": 16}}))
+    with pytest.raises(ValueError, match="no checkpoint_"):
+        load_avici_checkpoint(folder)
+    (folder / "checkpoint_0000001.pkl").write_bytes(b"garbage bytes")
+    with pytest.raises(ValueError, match="not an AVICI checkpoint pickle"):
+        load_avici_checkpoint(folder)
+    (folder / "checkpoint_0000001.pkl").write_bytes(pickle.dumps({"a": np.zeros(3)}))
+    with pytest.raises(ValueError, match="not an AVICI checkpoint"):
+        load_avici_checkpoint(folder)
+
+
+def test_unpickler_refuses_arbitrary_classes(tmp_path):
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(ValueError("x")) .replace(b"builtins", b"subprocess"))
+    with pytest.raises(ValueError, match="not an AVICI checkpoint pickle"):
+        read_avici_pickle(path)
+
+
+def test_haiku_mapping_reports_missing_modules():
+    with pytest.raises(ValueError, match="lacks Haiku module 'BaseModel/linear'"):
+        haiku_to_flax({"BaseModel": {"learned_temp": np.zeros((1, 1, 1))}}, CFG)
