@@ -203,6 +203,37 @@ def to_env_action(per_variable: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over axis -2 of x f32[..., S, D].
+
+    key_mask: optional bool broadcastable to [..., S]; keys with False get zero weight.
+    The key projection has no bias: it would add q . b_k to every logit of a query,
+    which the softmax ignores, so its gradient is pure rounding noise (that Adam would
+    amplify into +-lr steps and break device-count invariance of training).
+    """
+
+    num_heads: int
+    dropout: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        dim = x.shape[-1]
+        head_dim = dim // self.num_heads
+        heads = (self.num_heads, head_dim)
+        q = nn.DenseGeneral(heads, name="query")(x)  # [..., S, H, C]
+        k = nn.DenseGeneral(heads, use_bias=False, name="key")(x)
+        v = nn.DenseGeneral(heads, name="value")(x)
+        logits = jnp.einsum("...qhc,...khc->...hqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
+        if key_mask is not None:
+            big_negative = jnp.finfo(logits.dtype).min
+            logits = jnp.where(key_mask[..., None, None, :], logits, big_negative)
+        weights = jax.nn.softmax(logits, axis=-1)
+        weights = nn.Dropout(self.dropout, deterministic=self.deterministic)(weights)
+        out = jnp.einsum("...hqk,...khc->...qhc", weights, v)
+        return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(out)
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm self-attention block over axis -2 of x f32[..., S, D].
 
@@ -217,15 +248,10 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         dim = x.shape[-1]
-        attn_mask = None if key_mask is None else key_mask[..., None, None, :]
         h = nn.LayerNorm()(x)
-        h = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
-            qkv_features=dim,
-            out_features=dim,
-            dropout_rate=self.dropout,
-            deterministic=self.deterministic,
-        )(h, mask=attn_mask)
+        h = SelfAttention(self.num_heads, self.dropout, self.deterministic, name="attention")(
+            h, key_mask
+        )
         x = x + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
         h = nn.LayerNorm()(x)
         h = nn.Dense(self.ffn_width)(h)
