@@ -479,6 +479,11 @@ class SergioEnv(Environment):
         start = self.steady_state_guess(params, basal, factor)
         xi = draw_increments(noise_key, (self.n_steps,) + basal.shape, self.increments)
         regulation = regulation_matrices(params.interactions)
+        # A single trajectory (a design step's cell) runs on f32[d] states: under vmap,
+        # XLA's CPU code for the batched [1, d] x [d, d] product is much slower.
+        single = basal.shape[0] == 1
+        if single:
+            basal, start, xi = basal[0], start[0], xi[:, 0]
 
         def body(x, noise):
             production = factor * production_rates(x, basal, regulation, params.half_response,
@@ -486,7 +491,9 @@ class SergioEnv(Environment):
             nxt = euler_maruyama_step(x, production, noise, self.decay, self.noise_scale, self.dt)
             return nxt, x
 
-        _, trajectory = jax.lax.scan(body, start, xi)  # [S, m, d]
+        _, trajectory = jax.lax.scan(body, start, xi)  # [S, m, d] (or [S, d])
+        if single:
+            trajectory = trajectory[:, None]
         return _snapshots(snap_key, trajectory, cells_per_trajectory)
 
     def production_factor(self, performed: jax.Array) -> jax.Array:
