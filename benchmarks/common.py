@@ -23,14 +23,14 @@ def machine_info() -> dict:
     }
 
 
-def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
-    """Median and min wall time (s) of `fn()`, blocking on its outputs; compile excluded."""
+def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median and min wall time (s) of `fn(*args)`, blocking on its outputs; compile excluded."""
     for _ in range(warmup):
-        jax.block_until_ready(fn())
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     times.sort()
     return {"median_s": times[len(times) // 2], "min_s": times[0], "repeats": repeats}

@@ -41,7 +41,7 @@ def episode_fn(env, batch: int):
     def one(key):
         params = env.sample_params(key)
         policy = lambda k, _: jax.random.uniform(k, (env.action_dim,), minval=-1, maxval=1)
-        history, rewards = env.rollout(key, params, policy)
+        history, _, rewards = env.rollout(key, params, policy)
         return history.data.sum() + rewards.sum()
 
     return jax.jit(lambda key: jax.vmap(one)(jax.random.split(key, batch)).sum())
@@ -58,8 +58,8 @@ def main(argv=None):
     for batch in args.batch:
         key = jax.random.key(2)
         steps, episodes = steps_fn(env, batch), episode_fn(env, batch)
-        steps_s = time_call(lambda: steps(key), repeats=args.repeats)["median_s"]
-        episode_s = time_call(lambda: episodes(key), repeats=args.repeats)["median_s"]
+        steps_s = time_call(steps, key, repeats=args.repeats)["median_s"]
+        episode_s = time_call(episodes, key, repeats=args.repeats)["median_s"]
         transitions = batch * env.budget
         rows.append(
             {
@@ -71,8 +71,16 @@ def main(argv=None):
                 "episode_samples_per_s": batch * env.n_rows / episode_s,
             }
         )
-    emit({"benchmark": "env_throughput", "env": args.env, "budget": env.budget,
-          "n0": env.n0, "results": rows, "machine": machine_info()})
+    emit(
+        {
+            "benchmark": "env_throughput",
+            "env": args.env,
+            "budget": env.budget,
+            "n0": env.n0,
+            "results": rows,
+            "machine": machine_info(),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def test_jit_vmap_over_1000_params_and_single_trace():
 
     actions = jax.random.uniform(jax.random.key(1), (1000, 20), minval=-1, maxval=1)
     for t in range(3):
-        history, states, _, _, _ = step(jax.random.split(jax.random.key(t), 1000), states, actions, params)
+        history, states, _, _, _ = step(
+            jax.random.split(jax.random.key(t), 1000), states, actions, params
+        )
     assert history.length.tolist() == [53] * 1000
     assert jnp.isfinite(history.data).all()
 
@@ -71,14 +73,17 @@ def test_same_key_same_episode():
     env = make_env("linear-ood-hetero-d5", n0=10, budget=4)
     policy = lambda key, history: jax.random.uniform(key, (10,), minval=-1, maxval=1)
     run = jax.jit(lambda key: env.rollout(key, env.sample_params(key), policy))
-    (h1, r1), (h2, r2) = run(jax.random.key(7)), run(jax.random.key(7))
+    (h1, a1, _), (h2, a2, _) = run(jax.random.key(7)), run(jax.random.key(7))
     np.testing.assert_array_equal(h1.data, h2.data)
-    h3, _ = run(jax.random.key(8))
+    np.testing.assert_array_equal(a1, a2)
+    h3, _, _ = run(jax.random.key(8))
     assert not np.array_equal(h1.data, h3.data)
 
 
 def test_reward_is_score_improvement():
-    env = LinearSCMEnv(d=3, n0=4, budget=2).with_score(lambda h, g: h.length.astype(jnp.float32) * 2.0)
+    env = LinearSCMEnv(d=3, n0=4, budget=2).with_score(
+        lambda h, g: h.length.astype(jnp.float32) * 2.0
+    )
     params = env.sample_params(jax.random.key(0))
     _, state = env.reset(jax.random.key(1), params)
     assert float(state.score) == 8.0
@@ -129,7 +134,9 @@ def test_regression_recovers_weights():
 @pytest.mark.parametrize("kind", ["er", "sf"])
 def test_graph_priors_are_dags_with_expected_density(kind):
     d, k = 10, 3
-    graphs = jax.vmap(lambda key: sample_graph(key, d, kind, k))(jax.random.split(jax.random.key(0), 2000))
+    graphs = jax.vmap(lambda key: sample_graph(key, d, kind, k))(
+        jax.random.split(jax.random.key(0), 2000)
+    )
     assert bool(jax.vmap(is_acyclic)(graphs).all())
     assert set(np.unique(graphs).tolist()) == {0.0, 1.0}
     edges = float(graphs.sum((1, 2)).mean())

@@ -1,6 +1,6 @@
 """Pure, jittable design environments (see `caasl_jax.envs.core` for the protocol)."""
 
-from caasl_jax.envs.core import EnvState, Environment, History, append_rows, empty_history
+from caasl_jax.envs.core import Environment, EnvState, History, append_rows, empty_history
 from caasl_jax.envs.graphs import erdos_renyi_dag, is_acyclic, sample_graph, scale_free_dag
 from caasl_jax.envs.linear import LinearParams, LinearSCMEnv
 from caasl_jax.envs.registry import env_names, make_env

@@ -126,9 +126,7 @@ class Environment:
     def reset(self, key: jax.Array, params: Any) -> tuple[History, EnvState]:
         """Draw n0 observational rows. Returns (history, state)."""
         values = self._initial_rows(key, params)
-        history = append_rows(
-            empty_history(self.n_rows, self.d), values, jnp.zeros_like(values)
-        )
+        history = append_rows(empty_history(self.n_rows, self.d), values, jnp.zeros_like(values))
         state = EnvState(
             history=history, step=jnp.zeros((), jnp.int32), score=self._score(history, params)
         )
@@ -158,10 +156,13 @@ class Environment:
                 f"d={self.d}, got {tuple(action.shape)}; vmap the step over a batch"
             )
 
-    def rollout(self, key: jax.Array, params: Any, policy: Callable) -> tuple[History, jax.Array]:
-        """Run a whole episode with `policy(key, history) -> action`.
+    def rollout(
+        self, key: jax.Array, params: Any, policy: Callable[[jax.Array, History], jax.Array]
+    ) -> tuple[History, jax.Array, jax.Array]:
+        """Run a whole episode with `policy(key, history) -> action f32[action_dim]`.
 
-        Returns the final history and the rewards f32[T]; jittable and vmappable.
+        Returns (final history, actions f32[T, action_dim], rewards f32[T]);
+        jittable and vmappable over (key, params).
         """
         reset_key, loop_key = jax.random.split(key)
         history, state = self.reset(reset_key, params)
@@ -171,12 +172,12 @@ class Environment:
             act_key, env_key = jax.random.split(step_key)
             action = policy(act_key, history)
             history, state, reward, _, _ = self.step(env_key, state, action, params)
-            return (history, state), reward
+            return (history, state), (action, reward)
 
-        (history, _), rewards = jax.lax.scan(
+        (history, _), (actions, rewards) = jax.lax.scan(
             body, (history, state), jax.random.split(loop_key, self.budget)
         )
-        return history, rewards
+        return history, actions, rewards
 
 
 def validate_sizes(name: str, d: int, n0: int, budget: int, samples_per_step: int) -> None:
@@ -184,7 +185,10 @@ def validate_sizes(name: str, d: int, n0: int, budget: int, samples_per_step: in
     checks = [
         (isinstance(d, int) and d >= 2, f"d must be an integer >= 2, got {d!r}"),
         (isinstance(n0, int) and n0 >= 1, f"n0 must be an integer >= 1, got {n0!r}"),
-        (isinstance(budget, int) and budget >= 0, f"budget must be an integer >= 0, got {budget!r}"),
+        (
+            isinstance(budget, int) and budget >= 0,
+            f"budget must be an integer >= 0, got {budget!r}",
+        ),
         (
             isinstance(samples_per_step, int) and samples_per_step >= 1,
             f"samples_per_step must be an integer >= 1, got {samples_per_step!r}",

@@ -109,7 +109,9 @@ class LinearSCMEnv(Environment):
         in_degree = graph.sum(axis=0)
         std = 1.0 / jnp.sqrt(jnp.maximum(in_degree, 1.0))
         sign = jnp.where(jax.random.bernoulli(sign_key, 0.5, (d, d)), 1.0, -1.0)
-        weights = graph * (sign * self.weight_mean + std[None, :] * jax.random.normal(weight_key, (d, d)))
+        weights = graph * (
+            sign * self.weight_mean + std[None, :] * jax.random.normal(weight_key, (d, d))
+        )
         variance = self.noise_rate / _standard_gamma(noise_key, self.noise_concentration, (d,))
         fourier = self._sample_fourier(fourier_key) if self.heteroskedastic else None
         return LinearParams(

@@ -1,0 +1,534 @@
+"""The fused, sharded CAASL training step and the host loop around it.
+
+One call of the compiled `train_chunk` runs, on every device of a 1-D mesh ("data"),
+K = iterations_per_call iterations of
+
+    rollout:  B/n_dev environments (fresh hidden params) x T design steps with the
+              policy, each step scored by the AVICI reward model inside env.step
+    replay:   the finished episodes enter this device's episode replay shard
+    learn:    U REDQ updates (G critic steps + 1 policy step each), minibatches drawn
+              from the local shard, gradients averaged over devices with lax.pmean
+
+as a `lax.scan` under `jax.jit(jax.shard_map(...))`, with the agent state and replay
+donated. Parameters are replicated, environments and replay are sharded. The same
+program runs on one CPU, every local GPU, or every device of every host after
+`jax.distributed.initialize()` (see README, "Multi-host").
+
+Randomness is a pure function of (seed, host-call index), so a run resumed from a
+checkpoint continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from caasl_jax import replay as replay_lib
+from caasl_jax.agents.networks import CriticConfig, EncoderConfig, PolicyConfig
+from caasl_jax.agents.redq import REDQ, REDQConfig, REDQState
+from caasl_jax.config import TrainConfig, from_dict, to_dict
+from caasl_jax.envs.core import Environment
+from caasl_jax.envs.registry import make_env
+from caasl_jax.evaluate import agent_policy, heldout_params, random_policy, rollout_episodes
+
+AXIS = "data"
+# jitted functions per (config, devices): a resumed or repeated run in the same
+# process reuses the compiled program instead of tracing a new Trainer's methods
+_COMPILED: dict[tuple, Any] = {}
+
+
+# ----------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------
+
+
+def action_kind(env: Environment) -> str:
+    """'targets_values' for 2d-dimensional actions (linear), 'targets' for d (SERGIO)."""
+    return "targets_values" if env.action_dim == 2 * env.d else "targets"
+
+
+def build_agent(config: TrainConfig, env: Environment) -> REDQ:
+    """The REDQ agent described by the config, for the env's action layout."""
+    kind = action_kind(env)
+
+    def encoder(settings) -> EncoderConfig:
+        return EncoderConfig(**dataclasses.asdict(settings.encoder))
+
+    policy = PolicyConfig(
+        encoder=encoder(config.policy), hidden=config.policy.hidden, action_kind=kind
+    )
+    critic = CriticConfig(
+        encoder=encoder(config.critic),
+        hidden=config.critic.hidden,
+        action_kind=kind,
+        num_critics=config.redq.num_critics,
+    )
+    return REDQ(policy, critic, REDQConfig(**dataclasses.asdict(config.redq)))
+
+
+def load_reward_model(name_or_path: str):
+    """(params, AviciConfig) of shipped weights by name, or of a weights folder/file."""
+    from caasl_jax.reward.checkpoint import available_pretrained, load_pretrained, load_weights
+
+    if Path(name_or_path).exists():
+        loaded = load_weights(name_or_path)
+    elif name_or_path in available_pretrained():
+        loaded = load_pretrained(name_or_path)
+    else:
+        raise ValueError(
+            f"unknown reward model {name_or_path!r}: not a path, and not one of the shipped "
+            f"weights {available_pretrained()}"
+        )
+    return loaded.params, loaded.config
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def scored_env(env: Environment, reward_params, reward_config) -> Environment:
+    """The environment with the AVICI reward plugged in."""
+    from caasl_jax.reward.reward import make_score_fn
+
+    return env.with_score(make_score_fn(reward_params, reward_config))
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that evolves during training (replay sharded, the rest replicated)."""
+
+    agent: REDQState
+    replay: replay_lib.ReplayState
+
+
+# ----------------------------------------------------------------------------------
+# the fused step
+# ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Static pieces of a run: config, env, agent, mesh; builds the compiled step."""
+
+    config: TrainConfig
+    env: Environment
+    agent: REDQ
+    reward_config: Any
+    mesh: Mesh
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
+
+    def local(self, global_size: int, what: str) -> int:
+        if global_size % self.n_devices:
+            raise ValueError(
+                f"{what} ({global_size}) must be divisible by the number of devices "
+                f"({self.n_devices})"
+            )
+        return global_size // self.n_devices
+
+    # --- state ----------------------------------------------------------------------
+    def init_state(self) -> TrainState:
+        """Fresh agent (replicated) and empty replay (sharded over devices)."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+        params = self.env.sample_params(key)
+        history, _ = self.env.reset(key, params)
+        agent_state = self.agent.init(key, history, jnp.zeros((self.env.action_dim,)))
+        capacity = self.local(self.config.replay_episodes, "replay_episodes")
+        shard = replay_lib.init_replay(
+            capacity,
+            n0=self.env.n0,
+            budget=self.env.budget,
+            d=self.env.d,
+            action_dim=self.env.action_dim,
+            samples_per_step=self.env.samples_per_step,
+        )
+        replay = jax.tree.map(
+            lambda x: jnp.concatenate([x] * self.n_devices) if x.ndim else x, shard
+        )
+        state = TrainState(agent=agent_state, replay=replay)
+        return jax.device_put(state, self.state_sharding(state))
+
+    def state_specs(self, state: TrainState):
+        replay_specs = jax.tree.map(lambda x: P(AXIS) if x.ndim else P(), state.replay)
+        return TrainState(agent=jax.tree.map(lambda _: P(), state.agent), replay=replay_specs)
+
+    def state_sharding(self, state: TrainState):
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self.state_specs(state))
+
+    # --- per-device pieces ---------------------------------------------------------------
+    def _rollout(self, policy_params, reward_params, key):
+        """B/n_dev episodes on this device: (Episode[B_local], scores f32[B_local, 2])."""
+        env = scored_env(self.env, reward_params, self.reward_config)
+        n_local = self.local(self.config.num_envs, "num_envs")
+        params_key, episode_key = jax.random.split(key)
+        env_params = jax.vmap(env.sample_params)(jax.random.split(params_key, n_local))
+        policy = agent_policy(self.agent, policy_params, "stochastic")
+        history, actions, rewards = rollout_episodes(env, policy, env_params, episode_key)
+        dones = jnp.broadcast_to(jnp.arange(env.budget) == env.budget - 1, rewards.shape)
+        return replay_lib.Episode(history=history, actions=actions, rewards=rewards, dones=dones)
+
+    def _learn(self, agent_state, replay, key):
+        """U REDQ updates from the local replay shard; metrics averaged over devices."""
+        cfg = self.config
+        b_local = self.local(cfg.batch_size, "batch_size")
+        device = jax.lax.axis_index(AXIS)
+
+        def one_update(agent_state, update_key):
+            sample_key, step_key = jax.random.split(update_key)
+            batch = replay_lib.sample_transitions(
+                replay, jax.random.fold_in(sample_key, device), (cfg.redq.utd, b_local)
+            )
+            return self.agent.update(agent_state, batch, step_key, axis_name=AXIS)
+
+        agent_state, metrics = jax.lax.scan(
+            one_update, agent_state, jax.random.split(key, cfg.updates_per_iteration)
+        )
+        return agent_state, jax.tree.map(jnp.mean, metrics)
+
+    def _iteration(self, reward_params, carry: TrainState, key):
+        cfg = self.config
+        roll_key, learn_key = jax.random.split(key)
+        device = jax.lax.axis_index(AXIS)
+        episodes = self._rollout(
+            carry.agent.policy_params, reward_params, jax.random.fold_in(roll_key, device)
+        )
+        replay = replay_lib.add_episodes(carry.replay, episodes)
+        warmup_local = math.ceil(cfg.warmup_episodes / self.n_devices)
+        ready = replay.size >= max(warmup_local, 1)
+        metric_shapes = jax.eval_shape(self._learn, carry.agent, replay, learn_key)[1]
+
+        def skip(agent_state, replay, key):
+            return agent_state, jax.tree.map(
+                lambda s: jnp.full(s.shape, jnp.nan, s.dtype), metric_shapes
+            )
+
+        agent_state, metrics = jax.lax.cond(
+            ready, self._learn, skip, carry.agent, replay, learn_key
+        )
+        returns = episodes.rewards.sum(-1)
+        metrics = {
+            **metrics,
+            "return_mean": jax.lax.pmean(returns.mean(), AXIS),
+            "replay_episodes": replay.size * self.n_devices,
+            "updated": ready,
+        }
+        return TrainState(agent=agent_state, replay=replay), metrics
+
+    def _chunk(self, state: TrainState, reward_params, key):
+        keys = jax.random.split(key, self.config.iterations_per_call)
+        return jax.lax.scan(functools.partial(self._iteration, reward_params), state, keys)
+
+    def cache_key(self) -> tuple:
+        """Equal for trainers that build the same program (config and devices)."""
+        return (
+            json.dumps(to_dict(self.config), sort_keys=True),
+            tuple(d.id for d in self.mesh.devices.flat),
+        )
+
+    def compile_chunk(self, state: TrainState):
+        """jit(shard_map(chunk)) with the train state donated; one per config and devices.
+
+        (state, reward_params, key) -> (state, metrics with a leading [K] axis).
+        """
+        key = ("chunk", self.cache_key())
+        if key not in _COMPILED:
+            _COMPILED[key] = self._build_chunk(state)
+        return _COMPILED[key]
+
+    def _build_chunk(self, state: TrainState):
+        specs = self.state_specs(state)
+        sharded = jax.shard_map(
+            self._chunk,
+            mesh=self.mesh,
+            in_specs=(specs, P(), P()),
+            out_specs=(specs, P()),
+            check_vma=False,
+        )
+        # explicit shardings: on one device XLA would otherwise hand back P() for the
+        # replay, and the next call would compile again for the "new" sharding
+        shardings = self.state_sharding(state)
+        replicated = NamedSharding(self.mesh, P())
+        return jax.jit(
+            sharded,
+            donate_argnums=(0,),
+            in_shardings=(shardings, replicated, replicated),
+            out_shardings=(shardings, replicated),
+        )
+
+    def chunk_key(self, call_index: int) -> jax.Array:
+        """The key of host call `call_index`: a pure function of (seed, index)."""
+        return jax.random.fold_in(jax.random.key(self.config.seed), 1_000_003 + call_index)
+
+
+def make_trainer(config: TrainConfig, devices=None) -> tuple[Trainer, Any]:
+    """(Trainer, reward_params replicated on the mesh); validates everything before any work."""
+    env = make_env(config.env, **config.env_overrides)
+    reward_params, reward_config = load_reward_model(config.reward_model)
+    trainer = Trainer(config, env, build_agent(config, env), reward_config, make_mesh(devices))
+    trainer.local(config.num_envs, "num_envs")
+    trainer.local(config.batch_size, "batch_size")
+    trainer.local(config.replay_episodes, "replay_episodes")
+    reward_params = jax.device_put(reward_params, NamedSharding(trainer.mesh, P()))
+    return trainer, reward_params
+
+
+# ----------------------------------------------------------------------------------
+# evaluation during training
+# ----------------------------------------------------------------------------------
+
+
+def make_evaluator(trainer: Trainer, reward_params):
+    """evaluate(policy_params) -> held-out returns of the policy and of random designs.
+
+    The held-out environments are fixed by the seed; the random baseline runs once.
+    """
+    cfg = trainer.config
+    cache_key = ("eval", trainer.cache_key())
+    if cache_key not in _COMPILED:
+
+        @functools.partial(jax.jit, static_argnames="baseline")
+        def heldout_returns(policy_params, reward_params, baseline: bool):
+            env = scored_env(trainer.env, reward_params, trainer.reward_config)
+            params = heldout_params(trainer.env, cfg.eval_envs, cfg.seed)
+            if baseline:
+                policy = random_policy(env)
+            else:
+                policy = agent_policy(trainer.agent, policy_params, "stochastic")
+            key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
+            return rollout_episodes(env, policy, params, key)[2].sum(-1)
+
+        _COMPILED[cache_key] = heldout_returns
+    heldout_returns = _COMPILED[cache_key]
+    random_returns = heldout_returns(None, reward_params, baseline=True)
+    random_mean = float(random_returns.mean())
+    random_se = float(random_returns.std(ddof=1) / np.sqrt(cfg.eval_envs))
+
+    def evaluate(policy_params) -> dict[str, float]:
+        returns = heldout_returns(policy_params, reward_params, baseline=False)
+        return {
+            "eval_return": float(returns.mean()),
+            "eval_return_se": float(returns.std(ddof=1) / np.sqrt(cfg.eval_envs)),
+            "eval_random_return": random_mean,
+            "eval_random_return_se": random_se,
+        }
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------------
+# run directory, checkpoints, host loop
+# ----------------------------------------------------------------------------------
+
+
+class RunDir:
+    """Layout of a run directory: config.yaml, metrics.jsonl, eval.jsonl, tb/, checkpoints/."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    evals = property(lambda self: self.path / "eval.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tensorboard = property(lambda self: self.path / "tb")
+    plot = property(lambda self: self.path / "curves.png")
+
+    def prepare_new(self, config: TrainConfig, overwrite: bool) -> None:
+        """Create the run dir; refuse to touch an existing non-empty one unless told to."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"run directory {self.path} already exists and is not empty; use "
+                    f"`caasl train --resume {self.path}` to continue it, or --overwrite to "
+                    f"replace it"
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    def load_config(self) -> TrainConfig:
+        if not self.config.is_file():
+            raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml)")
+        return from_dict(TrainConfig, yaml.safe_load(self.config.read_text()), "run config")
+
+
+def _checkpoint_manager(run: RunDir, config: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(run.checkpoints.absolute(), options=options)
+
+
+def restore_state(manager, trainer: Trainer, template: TrainState) -> tuple[TrainState, int]:
+    """The latest checkpoint restored with the template's shardings; (state, calls done)."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found under {manager.directory}")
+    shardings = trainer.state_sharding(template)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, shardings
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # orbax raises many types for a damaged checkpoint
+        raise ValueError(
+            f"checkpoint {step} under {manager.directory} is unreadable: {error}"
+        ) from error
+    return restored, int(step)
+
+
+def _truncate_jsonl(path: Path, max_call: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["call"] <= max_call
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _to_python(metrics: dict) -> list[dict]:
+    """Metrics with a leading [K] axis -> K dicts of floats."""
+    host = jax.device_get(metrics)
+    k = len(next(iter(host.values())))
+    return [{name: float(np.asarray(v)[i]) for name, v in host.items()} for i in range(k)]
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    devices=None,
+    progress: bool = True,
+    max_calls: int | None = None,
+) -> dict:
+    """Train (or resume) a CAASL policy; returns a summary dict.
+
+    Writes config.yaml, metrics.jsonl (one line per iteration), eval.jsonl, TensorBoard
+    events under tb/, orbax checkpoints under checkpoints/ and curves.png.
+    `max_calls` stops early after that many host calls (used by tests).
+    """
+    from tqdm.auto import tqdm
+
+    run = RunDir(run_dir)
+    trainer, reward_params = make_trainer(config, devices)  # fails fast on bad input
+    if resume:
+        if not run.checkpoints.exists():
+            raise FileNotFoundError(f"cannot resume {run.path}: it has no checkpoints/")
+    else:
+        run.prepare_new(config, overwrite)
+
+    state = trainer.init_state()
+    manager = _checkpoint_manager(run, config)
+    calls_done = 0
+    if resume:
+        state, calls_done = restore_state(manager, trainer, state)
+        _truncate_jsonl(run.metrics, calls_done - 1)
+        _truncate_jsonl(run.evals, calls_done - 1)
+
+    chunk = trainer.compile_chunk(state)
+    evaluate = make_evaluator(trainer, reward_params)
+    writer = _tensorboard(run)
+    transitions_per_call = config.num_envs * trainer.env.budget * config.iterations_per_call
+    last_call = (
+        config.host_calls if max_calls is None else min(config.host_calls, calls_done + max_calls)
+    )
+    bar = tqdm(total=config.host_calls, initial=calls_done, disable=not progress, unit="call")
+    eval_row: dict = {}
+    with run.metrics.open("a") as metrics_file, run.evals.open("a") as eval_file:
+        for call in range(calls_done, last_call):
+            start = time.perf_counter()
+            state, metrics = chunk(state, reward_params, trainer.chunk_key(call))
+            rows = _to_python(metrics)
+            seconds = time.perf_counter() - start
+            for i, row in enumerate(rows):
+                row.update(call=call, iteration=call * config.iterations_per_call + i + 1)
+                metrics_file.write(json.dumps(row) + "\n")
+                _log_scalars(writer, row, row["iteration"])
+            speed = {
+                "transitions_per_s": transitions_per_call / seconds,
+                "grad_steps_per_s": config.updates_per_iteration
+                * config.iterations_per_call
+                / seconds,
+            }
+            _log_scalars(writer, speed, rows[-1]["iteration"])
+            metrics_file.flush()
+            if (call + 1) % config.eval_every == 0 or call + 1 == config.host_calls:
+                eval_row = {
+                    "call": call,
+                    "iteration": rows[-1]["iteration"],
+                    **evaluate(state.agent.policy_params),
+                }
+                eval_file.write(json.dumps(eval_row) + "\n")
+                eval_file.flush()
+                _log_scalars(writer, eval_row, eval_row["iteration"])
+            if (call + 1) % config.checkpoint_every == 0 or call + 1 == last_call:
+                manager.save(call + 1, args=_save_args(state))
+            bar.set_postfix(
+                ret=f"{rows[-1]['return_mean']:.2f}",
+                tps=f"{speed['transitions_per_s']:.0f}",
+                **(
+                    {"eval": f"{eval_row['eval_return']:.2f}/{eval_row['eval_random_return']:.2f}"}
+                    if eval_row
+                    else {}
+                ),
+            )
+            bar.update(1)
+    bar.close()
+    manager.wait_until_finished()
+    if writer is not None:
+        writer.close()
+    from caasl_jax.plots import plot_training_curves
+
+    plot_training_curves(run.metrics, run.evals, run.plot)
+    return {
+        "run_dir": str(run.path),
+        "calls_done": last_call,
+        "last_eval": eval_row,
+        "state": state,
+    }
+
+
+def _save_args(state: TrainState):
+    import orbax.checkpoint as ocp
+
+    return ocp.args.StandardSave(state)
+
+
+def _tensorboard(run: RunDir):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional
+        return None
+    return SummaryWriter(str(run.tensorboard))
+
+
+def _log_scalars(writer, row: dict, step: int) -> None:
+    if writer is None:
+        return
+    for name, value in row.items():
+        if name not in ("call", "iteration") and isinstance(value, float) and math.isfinite(value):
+            writer.add_scalar(name, value, step)

@@ -1,0 +1,241 @@
+"""The fused training step, the host loop, checkpoints and resume, configs and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from caasl_jax import train as train_lib
+from caasl_jax.cli import main as cli_main
+from caasl_jax.config import TrainConfig, from_dict, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_reward_weights(path: Path) -> Path:
+    from caasl_jax.reward.checkpoint import save_weights
+    from caasl_jax.reward.model import AviciConfig, init_params
+
+    config = AviciConfig(dim=8, layers=1, heads=2, key_size=4)
+    return save_weights(path, init_params(jax.random.key(0), config, 3), config)
+
+
+def tiny_config_dict(reward_path) -> dict:
+    net = {
+        "encoder": {"dim": 8, "num_layers": 1, "num_heads": 2, "ffn_multiplier": 2},
+        "hidden": [16],
+    }
+    return {
+        "env": "linear-d3",
+        "env_overrides": {"n0": 4, "budget": 3},
+        "reward_model": str(reward_path),
+        "iterations": 4,
+        "iterations_per_call": 2,
+        "num_envs": 8,
+        "updates_per_iteration": 2,
+        "batch_size": 8,
+        "replay_episodes": 64,
+        "warmup_episodes": 8,
+        "policy": net,
+        "critic": net,
+        "redq": {"tau": 0.05, "policy_lr": 0.001, "critic_lr": 0.001},
+        "eval_every": 1,
+        "eval_envs": 4,
+        "checkpoint_every": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    reward = tiny_reward_weights(folder / "reward.msgpack")
+    data = tiny_config_dict(reward)
+    return from_dict(TrainConfig, data), data, folder
+
+
+def _params_leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.agent.policy_params)]
+
+
+def test_chunk_compiles_once_and_learns_after_warmup(tiny):
+    config, _, _ = tiny
+    trainer, reward_params = train_lib.make_trainer(config)
+    state = trainer.init_state()
+    before = _params_leaves(state)
+    chunk = trainer.compile_chunk(state)
+    keys = [trainer.chunk_key(call) for call in range(3)]
+    with jax.transfer_guard("disallow"):  # no host transfer inside the step
+        for key in keys:
+            state, metrics = chunk(state, reward_params, key)
+    assert chunk._cache_size() == 1  # one compilation for every call
+    updated = np.asarray(metrics["updated"])
+    assert updated.all() and np.isfinite(np.asarray(metrics["critic_loss"])).all()
+    assert int(state.replay.size) == 6 * config.num_envs
+    after = _params_leaves(state)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_warmup_skips_updates(tiny):
+    _, data, _ = tiny
+    config = from_dict(TrainConfig, {**data, "warmup_episodes": 24})
+    trainer, reward_params = train_lib.make_trainer(config)
+    state = trainer.init_state()
+    state, metrics = trainer.compile_chunk(state)(state, reward_params, trainer.chunk_key(0))
+    assert np.asarray(metrics["updated"]).tolist() == [False, False]
+    assert np.isnan(np.asarray(metrics["critic_loss"])).all()
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    config, _, _ = tiny
+    straight = train_lib.train(config, tmp_path / "a", progress=False)
+    train_lib.train(config, tmp_path / "b", progress=False, max_calls=1)
+    resumed = train_lib.train(config, tmp_path / "b", resume=True, progress=False)
+    for x, y in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    lines = lambda run: (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines("b")] == [1, 2, 3, 4]
+    for name in ("curves.png", "eval.jsonl", "config.yaml", "checkpoints"):
+        assert (tmp_path / "b" / name).exists()
+    assert list((tmp_path / "b" / "tb").iterdir())
+
+
+def test_existing_run_is_not_overwritten(tiny, tmp_path):
+    config, _, _ = tiny
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already exists"):
+        train_lib.train(config, run, progress=False)
+    assert (run / "precious.txt").read_text() == "keep me"
+
+
+def test_corrupt_checkpoint_gives_clear_error(tiny, tmp_path):
+    config, _, _ = tiny
+    run = tmp_path / "run"
+    train_lib.train(config, run, progress=False, max_calls=1)
+    for f in (run / "checkpoints").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable"):
+        train_lib.train(config, run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_envz": 3}, "unknown key\\(s\\) 'num_envz'"),
+        ({"redq": {"gama": 0.9}}, "config.redq: unknown key\\(s\\) 'gama'"),
+        ({"iterations": 5}, "multiple of iterations_per_call"),
+        ({"num_envs": "many"}, "expected int"),
+        ({"env": "linear-d1"}, "d must be an integer >= 2"),
+        ({"env": "nonsense-d5"}, "unknown environment"),
+        ({"reward_model": "no-such-model"}, "unknown reward model"),
+    ],
+)
+def test_bad_configs_fail_before_work(tiny, change, message):
+    _, data, _ = tiny
+    with pytest.raises(ValueError, match=message):
+        train_lib.make_trainer(from_dict(TrainConfig, {**data, **change}))
+
+
+def test_packaged_configs_load_and_set_overrides():
+    small = load_config("small", ["redq.gamma=0.5", "num_envs=16", "policy.hidden=[8, 8]"])
+    assert small.redq.gamma == 0.5 and small.num_envs == 16 and small.policy.hidden == (8, 8)
+    for name in ("linear-d10", "sergio-d10"):
+        config = load_config(name)
+        assert config.num_envs == 1000 and config.batch_size == 4096
+        assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
+    with pytest.raises(ValueError, match="unknown config 'nope'"):
+        load_config("nope")
+
+
+def test_cli_train_and_resume(tiny, tmp_path, capsys):
+    _, data, _ = tiny
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    run = tmp_path / "cli-run"
+    args = ["train", "--config", str(config_file), "--run-dir", str(run), "--max-calls", "1"]
+    assert cli_main(args) == 0
+    assert "held-out return" in capsys.readouterr().out
+    assert cli_main(args) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", str(run)]) == 0
+    assert cli_main(["train", "--config", str(config_file), "--set", "batch_size=-3"]) == 2
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+    from caasl_jax import replay as replay_lib
+    from caasl_jax import train as train_lib
+    from caasl_jax.config import TrainConfig, from_dict
+    sys.path.insert(0, sys.argv[1])
+    from test_train import tiny_config_dict, tiny_reward_weights
+
+    assert len(jax.devices()) == 4
+    reward = tiny_reward_weights(__import__("pathlib").Path(sys.argv[2]) / "r.msgpack")
+    config = from_dict(TrainConfig, tiny_config_dict(reward))
+
+    # 1) the fused step on 4 devices keeps the replicated parameters identical
+    trainer, reward_params = train_lib.make_trainer(config)
+    assert trainer.n_devices == 4
+    state = trainer.init_state()
+    chunk = trainer.compile_chunk(state)
+    for call in range(2):
+        state, metrics = chunk(state, reward_params, trainer.chunk_key(call))
+    assert np.asarray(metrics["updated"]).all()
+    for leaf in jax.tree.leaves(state.agent):
+        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert len(shards) == 4
+        for s in shards[1:]:
+            np.testing.assert_array_equal(s, shards[0])
+    assert state.replay.values.sharding.spec == P("data")
+
+    # 2) one update of a global batch sharded over 4 devices == the same batch on 1
+    agent = trainer.agent
+    one = train_lib.make_trainer(config, devices=jax.devices()[:1])[0]
+    st = one.init_state()
+    roll = jax.jit(lambda k: one._rollout(st.agent.policy_params, reward_params, k))
+    rep = replay_lib.add_episodes(st.replay, roll(jax.random.key(3)))
+    batch = replay_lib.sample_transitions(rep, jax.random.key(4), (1, 8))
+    key = jax.random.key(5)
+    single, _ = jax.jit(agent.update)(st.agent, batch, key)
+    batch_spec = jax.tree.map(lambda x: P(None, "data"), batch)
+    sharded_update = jax.shard_map(
+        lambda s, b, k: agent.update(s, b, k, axis_name="data"),
+        mesh=trainer.mesh, in_specs=(P(), batch_spec, P()), out_specs=P(), check_vma=False,
+    )
+    on_mesh = lambda tree: jax.device_put(tree, jax.sharding.NamedSharding(trainer.mesh, P()))
+    multi, _ = jax.jit(sharded_update)(on_mesh(st.agent), on_mesh(batch), on_mesh(key))
+    for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5)
+    print("MULTI-DEVICE OK")
+    """
+)
+
+
+def test_four_fake_devices(tmp_path):
+    script = tmp_path / "multi.py"
+    script.write_text(MULTI_DEVICE_SCRIPT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert "MULTI-DEVICE OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
