@@ -288,6 +288,11 @@ class SergioEnv(Environment):
     def __post_init__(self):
         name = type(self).__name__
         validate_sizes(name, self.d, self.n0, self.budget, self.samples_per_step)
+        for field in ("basal_range", "interaction_range"):  # lists from YAML stay hashable
+            value = getattr(self, field)
+            if len(value) != 2:
+                raise ValueError(f"{name}: {field} must be (low, high), got {value!r}")
+            object.__setattr__(self, field, (float(value[0]), float(value[1])))
         for value, allowed, what in [
             (self.graph_kind, GRAPH_KINDS, "graph_kind"),
             (self.intervention, INTERVENTION_KINDS, "intervention"),
