@@ -78,6 +78,7 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     # same settings: resumes at step 4 and does nothing more
     assert main([*args, "--steps", "4"]) == 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert main(["--env", "linear-d3", "--evaluate-only", str(export), "--eval-envs", "4"]) == 0
     # different settings refuse to mix runs
     with pytest.raises(SystemExit, match="different settings"):
         main([*args, "--steps", "6", "--lr", "0.5"])

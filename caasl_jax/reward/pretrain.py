@@ -282,7 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--export", default=None, help="also copy the best weights to this path")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--evaluate-only", default=None, metavar="WEIGHTS",
+                   help="only evaluate a weights file (msgpack, or a shipped name such as "
+                        "linear-d10) on the held-out set of --env and print JSON")
     return p
+
+
+def evaluate_weights(weights: str, env_name: str, n_envs: int, seed: int) -> dict:
+    """Held-out metrics (means over n_envs systems) of a weights file or shipped name."""
+    from caasl_jax.envs.registry import make_env
+    from caasl_jax.reward.checkpoint import load_pretrained, load_weights
+
+    path = Path(weights)
+    params, config, _ = load_weights(path) if path.suffix == ".msgpack" else load_pretrained(
+        weights
+    )
+    env = make_env(env_name)
+    metrics = make_evaluator(config, heldout_set(env, jax.random.key(seed), n_envs))(params)
+    return {"weights": weights, "env": env_name, "eval_envs": n_envs, "eval_seed": seed,
+            **metrics}
 
 
 def _config_from_args(args, env_name: str) -> AviciConfig:
@@ -311,6 +329,10 @@ def _check_run_file(out: Path, run: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `caasl pretrain-reward`. Returns a process exit status."""
     args = build_parser().parse_args(argv)
+    if args.evaluate_only:
+        result = evaluate_weights(args.evaluate_only, args.env, args.eval_envs, args.eval_seed)
+        print(json.dumps(result, indent=2))
+        return 0
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
