@@ -226,8 +226,13 @@ def poisson_counts(key: jax.Array, rate: jax.Array, rounds: int = 6) -> jax.Arra
     a = -0.059 + 0.02483 * b
     inv_alpha = 1.1239 + 1.1328 / (b - 3.4)
     v_r = 0.9277 - 3.6224 / (b - 2.0)
-    uv = _flat_uniform(proposal_key, (2, rounds) + rate.shape, minval=1e-7)
-    u, v = uv[0] - 0.5, uv[1]
+    # one random 32-bit word per proposal: 16 bits for u, 16 for v, both strictly inside
+    # (0, 1). For the rates met here (< 1e5) consecutive u values still move the
+    # proposal k by less than 1 wherever a proposal can be accepted without v <= us.
+    words = jax.random.bits(proposal_key, (rounds * math.prod(rate.shape),), jnp.uint32)
+    words = words.reshape((rounds,) + rate.shape)
+    u = ((words >> 16).astype(jnp.float32) + 0.5) / 65536.0 - 0.5
+    v = ((words & 0xFFFF).astype(jnp.float32) + 0.5) / 65536.0
     us = 0.5 - jnp.abs(u)
     k = jnp.floor((2.0 * a / us + b) * u + lam + 0.43)
     quick = (us >= 0.07) & (v <= v_r)
@@ -403,8 +408,8 @@ class SergioEnv(Environment):
     ) -> tuple[jax.Array, jax.Array]:
         """Simulate the wild type level by level; return (half_response f32[d], midpoint f32[]).
 
-        One trajectory of S steps per cell type, f32[S, C, d]. Pass p (of d, a fixed
-        count) simulates every gene driven by the stored trajectories of its regulators
+        One trajectory of S steps per cell type, f32[S, C, d]. Pass p (one per level,
+        at most d) simulates every gene driven by the stored trajectories of its regulators
         and keeps the result only for the genes of depth p (longest path from a master),
         whose regulators were all fixed by earlier passes; the genes of depth p start at
         P(per-type mean of their regulators) / λ, as in SERGIO. The increments are drawn
@@ -421,8 +426,8 @@ class SergioEnv(Environment):
         def produce(x, half_response):
             return production_rates(x, basal, regulation, half_response, self.hill)
 
-        def level_pass(level, carry):
-            trajectory, half_response = carry
+        def level_pass(carry):
+            level, trajectory, half_response = carry
             start = produce(trajectory.mean(0), half_response) / self.decay  # [C, d]
             drive = produce(trajectory, half_response)  # [S, C, d]
 
@@ -434,10 +439,14 @@ class SergioEnv(Environment):
 
             _, fresh = jax.lax.scan(body, start, (drive, xi))
             trajectory = jnp.where(depth == level, fresh, trajectory)
-            return trajectory, trajectory.mean((0, 1))
+            return level + 1, trajectory, trajectory.mean((0, 1))
 
-        init = (jnp.zeros((s, c, d), jnp.float32), jnp.zeros((d,), jnp.float32))
-        trajectory, half_response = jax.lax.fori_loop(0, d, level_pass, init)
+        # as many passes as levels (at most d): fixed shapes, a data-dependent count
+        init = (jnp.zeros((), jnp.int32), jnp.zeros((s, c, d), jnp.float32),
+                jnp.zeros((d,), jnp.float32))
+        _, trajectory, half_response = jax.lax.while_loop(
+            lambda carry: carry[0] <= depth.max(), level_pass, init
+        )
 
         # dropout mid-point of this system: SERGIO's percentile over a wild-type data set
         snap_key, library_key = jax.random.split(measure_key)
