@@ -101,11 +101,24 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def scored_env(env: Environment, reward_params, reward_config) -> Environment:
-    """The environment with the AVICI reward plugged in."""
-    from caasl_jax.reward.reward import make_score_fn
+@dataclasses.dataclass(frozen=True)
+class AviciScore:
+    """Builds the AVICI score function from (traced) reward-model parameters.
 
-    return env.with_score(make_score_fn(reward_params, reward_config))
+    Hashable by value, so equal configs share one compiled program.
+    """
+
+    config: Any
+
+    def __call__(self, reward_params):
+        from caasl_jax.reward.reward import make_score_fn
+
+        return make_score_fn(reward_params, self.config)
+
+
+def scored_env(env: Environment, score_builder, reward_params) -> Environment:
+    """The environment with the reward plugged in: score_builder(reward_params)."""
+    return env.with_score(score_builder(reward_params))
 
 
 @struct.dataclass
@@ -128,7 +141,7 @@ class Trainer:
     config: TrainConfig
     env: Environment
     agent: REDQ
-    reward_config: Any
+    score_builder: Any  # reward_params -> score_fn(history, graph); see AviciScore
     mesh: Mesh
 
     @property
@@ -175,7 +188,7 @@ class Trainer:
     # --- per-device pieces ---------------------------------------------------------------
     def _rollout(self, policy_params, reward_params, key):
         """B/n_dev episodes on this device: (Episode[B_local], scores f32[B_local, 2])."""
-        env = scored_env(self.env, reward_params, self.reward_config)
+        env = scored_env(self.env, self.score_builder, reward_params)
         n_local = self.local(self.config.num_envs, "num_envs")
         params_key, episode_key = jax.random.split(key)
         env_params = jax.vmap(env.sample_params)(jax.random.split(params_key, n_local))
@@ -240,6 +253,7 @@ class Trainer:
         return (
             json.dumps(to_dict(self.config), sort_keys=True),
             tuple(d.id for d in self.mesh.devices.flat),
+            self.score_builder,
         )
 
     def compile_chunk(self, state: TrainState):
@@ -277,11 +291,20 @@ class Trainer:
         return jax.random.fold_in(jax.random.key(self.config.seed), 1_000_003 + call_index)
 
 
-def make_trainer(config: TrainConfig, devices=None) -> tuple[Trainer, Any]:
-    """(Trainer, reward_params replicated on the mesh); validates everything before any work."""
+def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple[Trainer, Any]:
+    """(Trainer, reward_params replicated on the mesh); validates everything before any work.
+
+    By default the reward is the AVICI model named by `config.reward_model`. A custom
+    `score_builder(reward_params) -> score_fn(history, graph)` (hashable, e.g. a
+    module-level function) replaces it; its reward_params are then empty.
+    """
     env = make_env(config.env, **config.env_overrides)
-    reward_params, reward_config = load_reward_model(config.reward_model)
-    trainer = Trainer(config, env, build_agent(config, env), reward_config, make_mesh(devices))
+    if score_builder is None:
+        reward_params, reward_config = load_reward_model(config.reward_model)
+        score_builder = AviciScore(reward_config)
+    else:
+        reward_params = {}
+    trainer = Trainer(config, env, build_agent(config, env), score_builder, make_mesh(devices))
     trainer.local(config.num_envs, "num_envs")
     trainer.local(config.batch_size, "batch_size")
     trainer.local(config.replay_episodes, "replay_episodes")
@@ -305,7 +328,7 @@ def make_evaluator(trainer: Trainer, reward_params):
 
         @functools.partial(jax.jit, static_argnames="baseline")
         def heldout_returns(policy_params, reward_params, baseline: bool):
-            env = scored_env(trainer.env, reward_params, trainer.reward_config)
+            env = scored_env(trainer.env, trainer.score_builder, reward_params)
             params = heldout_params(trainer.env, cfg.eval_envs, cfg.seed)
             if baseline:
                 policy = random_policy(env)
@@ -424,6 +447,7 @@ def train(
     devices=None,
     progress: bool = True,
     max_calls: int | None = None,
+    score_builder=None,
 ) -> dict:
     """Train (or resume) a CAASL policy; returns a summary dict.
 
@@ -434,7 +458,7 @@ def train(
     from tqdm.auto import tqdm
 
     run = RunDir(run_dir)
-    trainer, reward_params = make_trainer(config, devices)  # fails fast on bad input
+    trainer, reward_params = make_trainer(config, devices, score_builder)  # fails fast
     if resume:
         if not run.checkpoints.exists():
             raise FileNotFoundError(f"cannot resume {run.path}: it has no checkpoints/")
