@@ -64,8 +64,19 @@ class DesignMix:
     p_multi: float = 0.4  # remaining probability: observational design rows
 
 
-def random_action(key: jax.Array, d: int, mix: DesignMix) -> jax.Array:
-    """A random design action f32[2d]: targets where a_i > 0, values a_{d+i} in [-1, 1]."""
+def _with_values(targets: jax.Array, key: jax.Array, action_dim: int) -> jax.Array:
+    """Action f32[action_dim]: +-1 target flags, then uniform [-1, 1] values if any."""
+    flags = jnp.where(targets, 1.0, -1.0)
+    extra = action_dim - targets.shape[0]
+    if extra == 0:  # e.g. SERGIO: the action is the knockout targets only
+        return flags
+    values = jax.random.uniform(key, (extra,), minval=-1.0, maxval=1.0)
+    return jnp.concatenate([flags, values])
+
+
+def random_action(key: jax.Array, d: int, mix: DesignMix, action_dim: int | None = None):
+    """A random design action f32[action_dim] (default 2d): variable i is a target when
+    a_i > 0; any further entries (the values a_{d+i}) uniform in [-1, 1]."""
     kind_key, single_key, rate_key, subset_key, value_key = jax.random.split(key, 5)
     kind = jax.random.uniform(kind_key)
     single = jax.nn.one_hot(jax.random.randint(single_key, (), 0, d), d) > 0
@@ -74,16 +85,14 @@ def random_action(key: jax.Array, d: int, mix: DesignMix) -> jax.Array:
     targets = jnp.where(
         kind < mix.p_single, single, jnp.where(kind < mix.p_single + mix.p_multi, subset, False)
     )
-    values = jax.random.uniform(value_key, (d,), minval=-1.0, maxval=1.0)
-    return jnp.concatenate([jnp.where(targets, 1.0, -1.0), values])
+    return _with_values(targets, value_key, action_dim or 2 * d)
 
 
-def single_target_action(key: jax.Array, d: int) -> jax.Array:
-    """Random single-target do design f32[2d] (the evaluation's random baseline)."""
+def single_target_action(key: jax.Array, d: int, action_dim: int | None = None) -> jax.Array:
+    """Random single-target design f32[action_dim] (the evaluation's random baseline)."""
     target_key, value_key = jax.random.split(key)
     target = jax.nn.one_hot(jax.random.randint(target_key, (), 0, d), d) > 0
-    values = jax.random.uniform(value_key, (d,), minval=-1.0, maxval=1.0)
-    return jnp.concatenate([jnp.where(target, 1.0, -1.0), values])
+    return _with_values(target, value_key, action_dim or 2 * d)
 
 
 def rollout_history(env, key: jax.Array, env_params, action_fn, n_designs) -> tuple:
@@ -115,7 +124,8 @@ def sample_training_batch(env, key: jax.Array, batch: int, mix: DesignMix):
         env_params = env.sample_params(param_key)
         n_designs = jax.random.randint(n_key, (), 0, mix.max_designs + 1)
         data, mask = rollout_history(
-            env, hist_key, env_params, lambda a: random_action(a, env.d, mix), n_designs
+            env, hist_key, env_params,
+            lambda a: random_action(a, env.d, mix, env.action_dim), n_designs,
         )
         return data, mask, env_params.graph.astype(jnp.float32)
 
@@ -129,7 +139,8 @@ def heldout_set(env, key: jax.Array, n_envs: int):
         param_key, hist_key = jax.random.split(k)
         env_params = env.sample_params(param_key)
         data, mask = rollout_history(
-            env, hist_key, env_params, lambda a: single_target_action(a, env.d), env.budget
+            env, hist_key, env_params,
+            lambda a: single_target_action(a, env.d, env.action_dim), env.budget,
         )
         return data, mask, env_params.graph.astype(jnp.float32)
 
