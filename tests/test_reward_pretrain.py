@@ -16,7 +16,9 @@ from caasl_jax.reward.pretrain import (
     bce_offdiag,
     heldout_set,
     main,
+    random_action,
     sample_training_batch,
+    single_target_action,
     spectral_radius,
 )
 
@@ -82,3 +84,16 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     # different settings refuse to mix runs
     with pytest.raises(SystemExit, match="different settings"):
         main([*args, "--steps", "6", "--lr", "0.5"])
+
+
+def test_random_actions_fit_the_env_action_size():
+    mix = DesignMix(max_designs=3)
+    keys = jax.random.split(jax.random.key(0), 200)
+    linear = jax.vmap(lambda k: random_action(k, 5, mix))(keys)  # targets + values
+    sergio = jax.vmap(lambda k: random_action(k, 5, mix, action_dim=5))(keys)  # targets only
+    assert linear.shape == (200, 10) and sergio.shape == (200, 5)
+    n_targets = np.asarray((sergio > 0).sum(1))
+    assert {0, 1} <= set(n_targets.tolist()) and n_targets.max() >= 2
+    assert np.all(np.abs(linear) <= 1.0)
+    single = jax.vmap(lambda k: single_target_action(k, 5, 5))(keys)
+    assert np.all(np.asarray((single > 0).sum(1)) == 1)
