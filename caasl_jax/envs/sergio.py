@@ -217,7 +217,7 @@ def poisson_counts(key: jax.Array, rate: jax.Array, rounds: int = 6) -> jax.Arra
 
     pmf0 = jnp.exp(-lam)
     _, _, small_count = jax.lax.fori_loop(
-        1, 41, add_term, (pmf0, pmf0, (u > pmf0).astype(jnp.float32))
+        1, 41, add_term, (pmf0, pmf0, (u > pmf0).astype(jnp.float32)), unroll=True
     )
     # PTRS for rates >= 10
     lam = jnp.where(small, 10.0, rate)
