@@ -209,6 +209,7 @@ def test_gumbel_noise_is_standardised_and_skewed():
         ("linear-ood-hetero-d10", "heteroskedastic", True),
         ("linear-ood-shift-d10", "intervention", "shift"),
         ("linear-d20", "d", 20),
+        ("linear-sparse-d5", "edges_per_node", 1.0),
         ("linear-d37", "d", 37),
     ],
 )

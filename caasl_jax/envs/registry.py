@@ -8,6 +8,7 @@ Names read `<family>[-<variant>]-d<d>`, for any d >= 2:
     linear-ood-noise-d10       scale-free + shifted weights + Gumbel noise
     linear-ood-hetero-d10      heteroskedastic noise (random Fourier feature scale)
     linear-ood-shift-d10       shift interventions instead of do
+    linear-sparse-d5           ER with 1 edge per node (the small default's prior)
     sergio-d10                 SERGIO, knockouts, 10X Chromium noise
     sergio-ood-graph-d10, sergio-ood-dropseq-d10, sergio-ood-knockdown-d10,
     sergio-ood-noisy-d10
@@ -31,6 +32,9 @@ LINEAR_VARIANTS: dict[str, dict] = {
     "ood-noise": {"graph_kind": "sf", "weight_mean": 0.1, "noise": "gumbel"},
     "ood-hetero": {"heteroskedastic": True},
     "ood-shift": {"intervention": "shift"},
+    # not from the paper: ER with 1 expected edge per node, for the small default
+    # (at d = 5 the paper's 3 edges per node give p = 0.99, i.e. complete DAGs)
+    "sparse": {"edges_per_node": 1.0},
 }
 
 _NAME = re.compile(r"^(?P<family>[a-z]+)(?:-(?P<variant>[a-z0-9-]+?))?-d(?P<d>-?\d+)$")

@@ -57,6 +57,7 @@ def import_avici():
 
     if not hasattr(jax.sharding, "PositionalSharding"):
         jax.sharding.PositionalSharding = type("PositionalSharding", (), {})
+    stubbed = []
     for name in _OPTIONAL:
         if name in sys.modules:
             continue
@@ -64,7 +65,16 @@ def import_avici():
             __import__(name)
         except ImportError:
             sys.modules[name] = _StubModule(name)
-    import avici.model
-    import haiku
+            stubbed.append(name)
+    try:
+        import avici.backbone  # noqa: F401  (imports deepdiff lazily; load it under the stubs)
+        import avici.model
+        import haiku
+    finally:
+        # a stand-in `tensorflow` left in sys.modules makes orbax/etils believe
+        # TensorFlow is installed later in the same process; avici no longer needs it
+        for name in stubbed:
+            if name.startswith("tensorflow"):
+                sys.modules.pop(name, None)
 
     return avici.model, haiku
