@@ -124,8 +124,11 @@ def sample_training_batch(env, key: jax.Array, batch: int, mix: DesignMix):
         env_params = env.sample_params(param_key)
         n_designs = jax.random.randint(n_key, (), 0, mix.max_designs + 1)
         data, mask = rollout_history(
-            env, hist_key, env_params,
-            lambda a: random_action(a, env.d, mix, env.action_dim), n_designs,
+            env,
+            hist_key,
+            env_params,
+            lambda a: random_action(a, env.d, mix, env.action_dim),
+            n_designs,
         )
         return data, mask, env_params.graph.astype(jnp.float32)
 
@@ -139,8 +142,11 @@ def heldout_set(env, key: jax.Array, n_envs: int):
         param_key, hist_key = jax.random.split(k)
         env_params = env.sample_params(param_key)
         data, mask = rollout_history(
-            env, hist_key, env_params,
-            lambda a: single_target_action(a, env.d, env.action_dim), env.budget,
+            env,
+            hist_key,
+            env_params,
+            lambda a: single_target_action(a, env.d, env.action_dim),
+            env.budget,
         )
         return data, mask, env_params.graph.astype(jnp.float32)
 
@@ -235,8 +241,11 @@ def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, ac
     mesh = Mesh(np.array(devices), ("data",))
     rep = PartitionSpec()
     sharded = jax.shard_map(
-        functools.partial(chunk, "data"), mesh=mesh, in_specs=(rep, rep, rep),
-        out_specs=(rep, rep, rep), check_vma=False,
+        functools.partial(chunk, "data"),
+        mesh=mesh,
+        in_specs=(rep, rep, rep),
+        out_specs=(rep, rep, rep),
+        check_vma=False,
     )
     return jax.jit(sharded, donate_argnums=(0, 1))
 
@@ -250,8 +259,10 @@ def make_evaluator(config: AviciConfig, heldout, chunk: int = 50):
 
     def evaluate(params) -> dict[str, float]:
         probs = jnp.concatenate(
-            [probs_of(params, data[i : i + chunk], mask[i : i + chunk])
-             for i in range(0, data.shape[0], chunk)]
+            [
+                probs_of(params, data[i : i + chunk], mask[i : i + chunk])
+                for i in range(0, data.shape[0], chunk)
+            ]
         )
         metrics = jax.jit(batch_metrics)(probs, graph)
         return {k: float(jnp.mean(v)) for k, v in metrics.items()}
@@ -266,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain the AVICI reward model on histories from a caasl-jax environment.",
     )
     p.add_argument("--env", default="linear-d10", help="environment name (registry)")
+    p.add_argument(
+        "--env-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment setting override, e.g. --env-set n0=20 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/reward-<env>)")
     p.add_argument("--steps", type=int, default=20000, help="total optimisation steps")
     p.add_argument("--batch", type=int, default=64, help="global histories per step")
@@ -279,9 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-size", type=int, default=16)
     p.add_argument("--widening", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--standardization", default="auto",
-                   choices=["auto", "zscore", "log2_cpm", "none"],
-                   help="auto: log2_cpm for sergio envs, zscore otherwise")
+    p.add_argument(
+        "--standardization",
+        default="auto",
+        choices=["auto", "zscore", "log2_cpm", "none"],
+        help="auto: log2_cpm for sergio envs, zscore otherwise",
+    )
     p.add_argument("--p-single", type=float, default=0.5)
     p.add_argument("--p-multi", type=float, default=0.4)
     p.add_argument("--acyclicity", type=float, default=0.0, help="acyclicity penalty weight")
@@ -293,40 +314,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--export", default=None, help="also copy the best weights to this path")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--evaluate-only", default=None, metavar="WEIGHTS",
-                   help="only evaluate a weights file (msgpack, or a shipped name such as "
-                        "linear-d10) on the held-out set of --env and print JSON")
+    p.add_argument(
+        "--evaluate-only",
+        default=None,
+        metavar="WEIGHTS",
+        help="only evaluate a weights file (msgpack, or a shipped name such as "
+        "linear-d10) on the held-out set of --env and print JSON",
+    )
     return p
 
 
-def evaluate_weights(weights: str, env_name: str, n_envs: int, seed: int) -> dict:
+def parse_env_overrides(items: list[str]) -> dict:
+    """`--env-set key=value` strings -> {key: value}, values parsed as YAML."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--env-set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return overrides
+
+
+def evaluate_weights(
+    weights: str, env_name: str, n_envs: int, seed: int, env_overrides: dict | None = None
+) -> dict:
     """Held-out metrics (means over n_envs systems) of a weights file or shipped name."""
     from caasl_jax.envs.registry import make_env
     from caasl_jax.reward.checkpoint import load_pretrained, load_weights
 
     path = Path(weights)
-    params, config, _ = load_weights(path) if path.suffix == ".msgpack" else load_pretrained(
-        weights
+    params, config, _ = (
+        load_weights(path) if path.suffix == ".msgpack" else load_pretrained(weights)
     )
-    env = make_env(env_name)
+    env = make_env(env_name, **(env_overrides or {}))
     metrics = make_evaluator(config, heldout_set(env, jax.random.key(seed), n_envs))(params)
-    return {"weights": weights, "env": env_name, "eval_envs": n_envs, "eval_seed": seed,
-            **metrics}
+    return {"weights": weights, "env": env_name, "eval_envs": n_envs, "eval_seed": seed, **metrics}
 
 
 def _config_from_args(args, env_name: str) -> AviciConfig:
     std = args.standardization
     if std == "auto":
         std = "log2_cpm" if env_name.startswith("sergio") else "zscore"
-    return AviciConfig(dim=args.dim, layers=args.layers, heads=args.heads, key_size=args.key_size,
-                       widening=args.widening, dropout=args.dropout, standardization=std)
+    return AviciConfig(
+        dim=args.dim,
+        layers=args.layers,
+        heads=args.heads,
+        key_size=args.key_size,
+        widening=args.widening,
+        dropout=args.dropout,
+        standardization=std,
+    )
 
 
 def _check_run_file(out: Path, run: dict) -> None:
     path = out / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
-        keys = ("env", "config", "batch", "lr", "warmup", "steps", "weight_decay", "seed")
+        keys = (
+            "env",
+            "env_overrides",
+            "config",
+            "batch",
+            "lr",
+            "warmup",
+            "steps",
+            "weight_decay",
+            "seed",
+        )
         diff = [k for k in keys if old.get(k) != run.get(k)]
         if diff:
             raise SystemExit(
@@ -341,7 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `caasl pretrain-reward`. Returns a process exit status."""
     args = build_parser().parse_args(argv)
     if args.evaluate_only:
-        result = evaluate_weights(args.evaluate_only, args.env, args.eval_envs, args.eval_seed)
+        result = evaluate_weights(
+            args.evaluate_only,
+            args.env,
+            args.eval_envs,
+            args.eval_seed,
+            parse_env_overrides(args.env_set),
+        )
         print(json.dumps(result, indent=2))
         return 0
     import orbax.checkpoint as ocp
@@ -349,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from caasl_jax.envs.registry import make_env
 
-    env = make_env(args.env)
+    env_overrides = parse_env_overrides(args.env_set)
+    env = make_env(args.env, **env_overrides)
     config = _config_from_args(args, args.env)
     out = Path(args.out or f"runs/reward-{args.env}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -358,11 +421,22 @@ def main(argv: list[str] | None = None) -> int:
     for every in (args.eval_every, args.ckpt_every):
         if every % args.steps_per_call:
             raise SystemExit("--eval-every and --ckpt-every must be multiples of --steps-per-call")
-    run = {"env": args.env, "config": config.to_dict(), "batch": args.batch, "lr": args.lr,
-           "warmup": args.warmup, "steps": args.steps, "weight_decay": args.weight_decay,
-           "seed": args.seed, "p_single": args.p_single, "p_multi": args.p_multi,
-           "acyclicity": args.acyclicity, "devices": jax.local_device_count(),
-           "argv": sys.argv[1:] if argv is None else list(argv)}
+    run = {
+        "env": args.env,
+        "env_overrides": env_overrides,
+        "config": config.to_dict(),
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "p_single": args.p_single,
+        "p_multi": args.p_multi,
+        "acyclicity": args.acyclicity,
+        "devices": jax.local_device_count(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+    }
     _check_run_file(out, run)
 
     mix = DesignMix(max_designs=env.budget, p_single=args.p_single, p_multi=args.p_multi)
@@ -382,8 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     best, step, elapsed = -np.inf, 0, 0.0
     latest = manager.latest_step()
     if latest is not None:
-        target = {"params": params, "opt_state": opt_state, "elapsed": np.zeros(()),
-                  "best": np.zeros(())}
+        target = {
+            "params": params,
+            "opt_state": opt_state,
+            "elapsed": np.zeros(()),
+            "best": np.zeros(()),
+        }
         restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
         params, opt_state = restored["params"], restored["opt_state"]
         elapsed, best = float(restored["elapsed"]), float(restored["best"])
@@ -404,25 +482,42 @@ def main(argv: list[str] | None = None) -> int:
         record = None
         if step % args.eval_every == 0 or step >= args.steps:
             metrics = evaluate(params)
-            record = {"step": step, "time_s": round(time.time() - t_start, 1),
-                      "lr": float(schedule(step)), **{k: float(v) for k, v in aux.items()},
-                      **{f"eval_{k}": v for k, v in metrics.items()}}
+            record = {
+                "step": step,
+                "time_s": round(time.time() - t_start, 1),
+                "lr": float(schedule(step)),
+                **{k: float(v) for k, v in aux.items()},
+                **{f"eval_{k}": v for k, v in metrics.items()},
+            }
             if metrics["expected_correct"] > best:
                 best = metrics["expected_correct"]
-                meta = {"env": args.env, "step": step, "train_time_s": record["time_s"],
-                        "heldout": metrics, "eval_envs": args.eval_envs,
-                        "eval_seed": args.eval_seed, "argv": run["argv"]}
+                meta = {
+                    "env": args.env,
+                    "step": step,
+                    "train_time_s": record["time_s"],
+                    "heldout": metrics,
+                    "eval_envs": args.eval_envs,
+                    "eval_seed": args.eval_seed,
+                    "argv": run["argv"],
+                }
                 save_weights(best_path, params, config, meta)
                 if args.export:
                     shutil.copyfile(best_path, args.export)
             record["best_expected_correct"] = best
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                  for k, v in record.items()}))
+            bar.write(
+                json.dumps(
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+                )
+            )
         if step % args.ckpt_every == 0 or step >= args.steps:
-            state = {"params": params, "opt_state": opt_state,
-                     "elapsed": np.asarray(time.time() - t_start), "best": np.asarray(best)}
+            state = {
+                "params": params,
+                "opt_state": opt_state,
+                "elapsed": np.asarray(time.time() - t_start),
+                "best": np.asarray(best),
+            }
             manager.save(step, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
     bar.close()
