@@ -80,6 +80,10 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     # same settings: resumes at step 4 and does nothing more
     assert main([*args, "--steps", "4"]) == 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    latest = tmp_path / "latest.msgpack"
+    assert main([*args, "--steps", "4", "--export-latest", str(latest)]) == 0
+    _, _, latest_meta = load_weights(latest)
+    assert latest_meta["step"] == 4 and "--export-latest" not in latest_meta["argv"]
     assert main(["--env", "linear-d3", "--evaluate-only", str(export), "--eval-envs", "4"]) == 0
     # different settings refuse to mix runs
     with pytest.raises(SystemExit, match="different settings"):

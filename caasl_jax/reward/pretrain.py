@@ -315,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="also copy the best weights to this path")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument(
+        "--export-latest",
+        default=None,
+        metavar="PATH",
+        help="with the run's own options: write the latest checkpoint's weights (with its "
+        "held-out metrics) to PATH and exit, without training",
+    )
+    p.add_argument(
         "--evaluate-only",
         default=None,
         metavar="WEIGHTS",
@@ -383,7 +390,8 @@ def _check_run_file(out: Path, run: dict) -> None:
             "weight_decay",
             "seed",
         )
-        diff = [k for k in keys if old.get(k) != run.get(k)]
+        defaults = {"env_overrides": {}}  # runs started before --env-set existed
+        diff = [k for k in keys if old.get(k, defaults.get(k)) != run.get(k)]
         if diff:
             raise SystemExit(
                 f"{out} holds a run with different settings ({', '.join(diff)}); "
@@ -468,6 +476,18 @@ def main(argv: list[str] | None = None) -> int:
         step = int(latest)
         print(f"resumed from {out / 'ckpt'} at step {step} (best {best:.2f})", flush=True)
     print(f"reward model: {param_count(params):,} parameters, config {config}", flush=True)
+    if args.export_latest:
+        if latest is None:
+            raise SystemExit(f"--export-latest: no checkpoint under {out / 'ckpt'}")
+        metrics = evaluate(params)
+        meta = {"env": args.env, "env_overrides": env_overrides, "step": step,
+                "train_time_s": round(elapsed, 1), "heldout": metrics,
+                "eval_envs": args.eval_envs, "eval_seed": args.eval_seed,
+                "argv": json.loads((out / "run.json").read_text())["argv"],
+                "exported": "latest checkpoint"}
+        save_weights(args.export_latest, params, config, meta)
+        print(json.dumps({"exported": str(args.export_latest), **meta}, indent=2))
+        return 0
 
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     t_start = time.time() - elapsed
