@@ -10,6 +10,7 @@ function serves all of them:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -96,3 +97,71 @@ def summarize_returns(rewards: jax.Array) -> dict[str, Any]:
         "cumulative_mean": [float(v) for v in mean],
         "cumulative_stderr": [float(v) for v in stderr],
     }
+
+
+# ----------------------------------------------------------------------------------
+# step-wise evaluation: the posterior after every acquisition
+# ----------------------------------------------------------------------------------
+
+
+def stepwise_metrics(env: Environment, histories: History, graphs, reward_params, reward_config):
+    """Metrics of the reward model's posterior after 0..T design steps.
+
+    histories: final histories [B]; graphs f32[B, d, d]. The posterior after step t
+    reads the first n0 + t·k rows (the rest masked). Returns {metric: f32[B, T + 1]}.
+    """
+    from caasl_jax.metrics import all_metrics
+    from caasl_jax.reward.model import edge_probs
+
+    lengths = env.n0 + jnp.arange(env.budget + 1) * env.samples_per_step
+    rows = jnp.arange(env.n_rows)
+
+    def one(history, graph):
+        def at(length):
+            probs = edge_probs(reward_params, history.data, rows < length, reward_config)
+            return all_metrics(probs, graph)
+
+        return jax.vmap(at)(lengths)
+
+    return jax.vmap(one)(histories, graphs)
+
+
+def summarize_stepwise(metrics: dict) -> dict[str, dict[str, list[float]]]:
+    """{metric: f32[B, T+1]} -> {metric: {"mean": [...], "stderr": [...]}} per step.
+
+    Adds "return": expected correct entries minus its value before any design.
+    """
+    metrics = dict(metrics)
+    metrics["return"] = metrics["expected_correct"] - metrics["expected_correct"][:, :1]
+    out = {}
+    for name, values in metrics.items():
+        values = jnp.asarray(values, jnp.float32)
+        n = values.shape[0]
+        stderr = values.std(0, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.zeros(values.shape[1])
+        out[name] = {
+            "mean": [float(v) for v in values.mean(0)],
+            "stderr": [float(v) for v in stderr],
+        }
+    return out
+
+
+def evaluate_policy(
+    env: Environment, policy: Policy, reward_params, reward_config, n_envs: int, seed: int
+) -> dict:
+    """Roll `policy` out on n_envs fixed held-out environments (by seed) and score every step.
+
+    The environments and the rollout randomness depend only on (env, n_envs, seed), so
+    every policy and baseline is judged on the same systems.
+    """
+    params = heldout_params(env, n_envs, seed)
+    key = jax.random.fold_in(jax.random.key(seed), 11)
+    rollout = jax.jit(lambda params, key: rollout_episodes(env, policy, params, key)[0])
+    histories = rollout(params, key)
+    metrics = _stepwise_jit(env, reward_config)(histories, params.graph, reward_params)
+    return summarize_stepwise(jax.device_get(metrics))
+
+
+@functools.lru_cache(maxsize=32)
+def _stepwise_jit(env: Environment, reward_config):
+    """One compiled step-wise scorer per (env, reward model config), shared by all policies."""
+    return jax.jit(lambda h, g, rp: stepwise_metrics(env, h, g, rp, reward_config))

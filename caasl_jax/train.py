@@ -556,3 +556,15 @@ def _log_scalars(writer, row: dict, step: int) -> None:
     for name, value in row.items():
         if name not in ("call", "iteration") and isinstance(value, float) and math.isfinite(value):
             writer.add_scalar(name, value, step)
+
+
+def load_trained_policy(run_dir: str | Path):
+    """(agent, policy_params, config) of a run's latest checkpoint, on one device."""
+    run = RunDir(run_dir)
+    config = run.load_config()
+    if not run.checkpoints.exists():
+        raise FileNotFoundError(f"{run.path} has no checkpoints/ to load a policy from")
+    trainer, _ = make_trainer(config, devices=jax.devices()[:1])
+    template = trainer.init_state()
+    state, _ = restore_state(_checkpoint_manager(run, config), trainer, template)
+    return trainer.agent, state.agent.policy_params, config

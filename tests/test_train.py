@@ -295,3 +295,56 @@ def test_policy_learns_the_clearly_best_intervention(tmp_path):
     # random designs: values average 0; the best design earns d * budget = 4
     assert abs(result["eval_random_return"]) < 0.3
     assert result["eval_return"] > 2.5, result
+
+
+def test_cli_evaluate_policy_and_baselines(tiny, tmp_path, capsys):
+    config, _, _ = tiny
+    run = tmp_path / "run"
+    train_lib.train(config, run, progress=False, max_calls=1)
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--policy",
+        str(run),
+        "--env",
+        "linear-d3",
+        "linear-ood-graph-d3",
+        "--n-envs",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert cli_main(args) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"linear-d3", "linear-ood-graph-d3"}
+    assert set(results["linear-d3"]) == {"caasl", "random", "random-single", "observational"}
+    caasl = results["linear-d3"]["caasl"]
+    budget = config.env_overrides["budget"]
+    for metric in ("return", "shd", "expected_shd", "auprc", "edge_f1", "expected_correct"):
+        assert len(caasl[metric]["mean"]) == budget + 1
+    assert caasl["return"]["mean"][0] == 0.0
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0] == "env,policy,metric,step,mean,stderr"
+    # deterministic under the seed
+    again_args = ["evaluate", "--policy", str(run), "--env", "linear-d3", "--baselines",
+                  "--n-envs", "4", "--out", str(tmp_path / "again")]
+    assert cli_main(again_args) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["results"]
+    assert again["linear-d3"]["caasl"] == caasl
+    # bad input: clear error, nothing written
+    capsys.readouterr()
+    bad = [
+        "evaluate",
+        "--policy",
+        str(run),
+        "--env",
+        "linear-d3",
+        "nonsense-d3",
+        "--out",
+        str(tmp_path / "bad"),
+    ]
+    assert cli_main(bad) == 2
+    assert "unknown environment 'nonsense-d3'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert cli_main([*again_args[:-1], str(tmp_path / "bad2"), "--policy", "garbage"]) == 2
+    assert not (tmp_path / "bad2").exists()
