@@ -154,6 +154,9 @@ def test_packaged_configs_load_and_set_overrides():
         assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
     with pytest.raises(ValueError, match="unknown config 'nope'"):
         load_config("nope")
+    # the small default's reward model ships with the package
+    trainer, _ = train_lib.make_trainer(load_config("small"))
+    assert trainer.env.d == 5 and trainer.env.n_rows == 25
 
 
 def test_cli_train_and_resume(tiny, tmp_path, capsys):
