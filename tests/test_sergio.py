@@ -85,6 +85,8 @@ def small(batch):
         ({"intervention_noise": 1.0}, "intervention_noise"),
         ({"n_cell_types": 0}, "n_cell_types"),
         ({"sampling_state": 0}, "sampling_state"),
+        ({"langevin_steps": 0}, "langevin_steps"),
+        ({"poisson_rounds": 0}, "poisson_rounds"),
         ({"basal_range": (3.0, 1.0)}, "basal_range"),
         ({"dt": 2.0}, "dt"),
         ({"n0": 0}, "n0"),
@@ -228,6 +230,25 @@ def test_rademacher_increments_match_gaussian(fns, small):
     # error (100 cells per gene: sd of a mean log expression about 0.03)
     assert np.abs(rad.mean(1) - gauss.mean(1)).mean() < 0.05
     assert np.abs(rad.std(1) - gauss.std(1)).mean() < 0.05
+
+
+def test_warm_started_cells_match_full_trajectories(fns, small):
+    """The default warm start (langevin_steps=5) against 150-step trajectories
+    (langevin_steps=None): per-gene means and spreads of the clean cells, wild type
+    and with gene 0 knocked out."""
+    full = SergioEnv(d=D, langevin_steps=None)
+    sim = jax.vmap(full.simulate_clean, in_axes=(0, 0, 0, None, None))
+    full_fn = jax.jit(lambda keys, params, factors: sim(keys, params, factors, TYPES, 1)[:, :, 0])
+    for factor in (jnp.ones(D), jnp.ones(D).at[0].set(0.0)):
+        factors = jnp.broadcast_to(factor, (SMALL, D))
+        warm = np.asarray(fns["clean"](_keys(30, SMALL), small, factors))
+        ref_cells = np.asarray(full_fn(_keys(31, SMALL), small, factors))
+        again = np.asarray(full_fn(_keys(32, SMALL), small, factors))
+        lw, lr, la = (np.log1p(x) for x in (warm, ref_cells, again))
+        tol_m = np.abs(la.mean(1) - lr.mean(1)).mean()
+        tol_s = np.abs(la.std(1) - lr.std(1)).mean()
+        assert np.abs(lw.mean(1) - lr.mean(1)).mean() < 2 * tol_m + 0.02
+        assert np.abs(lw.std(1) - lr.std(1)).mean() < 2 * tol_s + 0.02
 
 
 def test_poisson_counts_match_jax_poisson():

@@ -42,6 +42,24 @@ its library size. Differences from avici's NumPy SERGIO, on purpose:
   at the deterministic steady state of the (intervened) system. (avici's genes
   upstream in the graph get 10 extra "safety" steps per level before its sampling
   window, so its clean log-expression spread is about 10 % wider; counts agree.)
+- Warm-started cells (`langevin_steps` = K, default 5; None restores one S-step
+  trajectory per cell type / design cell with snapshots, the exact scheme above).
+  A cell is the snapshot at a uniform step tau of {0..S-1} of a trajectory started at
+  the deterministic steady state x0 of the (intervened) system, which is computed
+  once per cell type and intervention (d vectorised sweeps of x = f P(x) / λ, exact
+  on a DAG). Instead of simulating all tau steps, each cell starts from the
+  linear-noise law of the Euler scheme at step tau - min(tau, K) around x0,
+  x0 + sqrt(q^2 x0 2λ dt (1 - a^(2k)) / (1 - a^2)) z with a = 1 - λ dt and z a
+  standard normal (the variance of each gene with its regulators frozen at x0,
+  clipped at 0), then runs the last min(tau, K) nonlinear, coupled Euler–Maruyama
+  steps. Deviation: the start ignores the variance a gene inherits from its
+  regulators' fluctuations (a child's spread is somewhat narrower than over a full
+  trajectory) and the cells of one wild-type data set are independent instead of
+  ten snapshots of one trajectory per cell type. A knocked-out gene (x0 = 0,
+  P = 0) stays exactly 0. tests/test_sergio.py compares it against K = None and,
+  after technical noise, against avici.
+- Poisson counts: `poisson_rounds` (default 3) PTRS proposals per count; an entry
+  with all rejected (rate >= 10: < 0.4 %) takes the rounded normal approximation.
 - Increments: `increments="rademacher"` (default) uses ξ = ±1 with probability 1/2,
   the simplified weak Euler scheme (Kloeden & Platen 1992, sec. 14.1): the same weak
   order 1 as Gaussian Euler–Maruyama, so the same cell distributions up to O(dt), at
@@ -255,6 +273,7 @@ def measure_counts(
     outlier_factor: jax.Array,
     midpoint: jax.Array,
     platform: TechnicalNoise,
+    poisson_rounds: int = 6,
 ) -> jax.Array:
     """Counts f32[n, d] of clean expression f32[n, d]: outliers, library, dropout, Poisson."""
     chex.assert_rank(clean, 2)
@@ -263,7 +282,7 @@ def measure_counts(
     x = library_size_effect(library_key, x, platform.library_mean, platform.library_scale)
     keep_prob = jax.nn.sigmoid(platform.dropout_shape * (jnp.log1p(x) - midpoint))
     keep = jax.random.bernoulli(dropout_key, keep_prob)
-    return poisson_counts(count_key, jnp.where(keep, x, 0.0))
+    return poisson_counts(count_key, jnp.where(keep, x, 0.0), poisson_rounds)
 
 
 # --- the environment -------------------------------------------------------------------------
@@ -290,6 +309,8 @@ class SergioEnv(Environment):
     dt: float = 0.01
     sampling_state: int = 15
     increments: str = "rademacher"
+    langevin_steps: int | None = 5
+    poisson_rounds: int = 3
     score_fn: ScoreFn | None = None
 
     def __post_init__(self):
@@ -331,6 +352,15 @@ class SergioEnv(Environment):
                 f"interaction_range must satisfy 0 < low <= high, got {self.interaction_range}",
             ),
             (self.sign_beta > 0, f"sign_beta must be > 0, got {self.sign_beta}"),
+            (
+                self.langevin_steps is None
+                or (isinstance(self.langevin_steps, int) and self.langevin_steps >= 1),
+                f"langevin_steps must be None or an integer >= 1, got {self.langevin_steps!r}",
+            ),
+            (
+                isinstance(self.poisson_rounds, int) and self.poisson_rounds >= 1,
+                f"poisson_rounds must be an integer >= 1, got {self.poisson_rounds!r}",
+            ),
             (self.hill > 0, f"hill must be > 0, got {self.hill}"),
             (self.decay > 0, f"decay must be > 0, got {self.decay}"),
             (self.noise_scale >= 0, f"noise_scale must be >= 0, got {self.noise_scale}"),
@@ -483,13 +513,59 @@ class SergioEnv(Environment):
     ) -> jax.Array:
         """Clean expression f32[m, cells_per_trajectory, d] before technical noise.
 
-        One trajectory per entry of `cell_types` i32[m] (m trajectories of S steps, all
-        genes jointly), started at the deterministic steady state; each cell is a
-        snapshot at a uniform random step. `factor` f32[d] scales each gene's production
-        for all time (0 for a knockout, so that gene is exactly 0).
+        `factor` f32[d] scales each gene's production for all time (0 for a knockout,
+        so that gene is exactly 0); `cell_types` i32[m]. With `langevin_steps` = None,
+        one trajectory of S steps per entry of `cell_types`, started at the
+        deterministic steady state, each cell a snapshot at a uniform random step.
+        Otherwise (default) every cell is simulated on its own, as the snapshot of such a
+        trajectory, but from a warm start (module docstring: "Warm-started cells").
         """
         chex.assert_shape(factor, (self.d,))
         chex.assert_rank(cell_types, 1)
+        if self.langevin_steps is None:
+            return self._simulate_trajectories(key, params, factor, cell_types,
+                                               cells_per_trajectory)
+        return self._simulate_warm(key, params, factor, cell_types, cells_per_trajectory)
+
+    def _simulate_warm(self, key, params, factor, cell_types, cells_per_trajectory):
+        d, k_steps, s = self.d, self.langevin_steps, self.n_steps
+        m = cell_types.shape[0]
+        n = m * cells_per_trajectory
+        time_key, start_key, noise_key = jax.random.split(key, 3)
+        basal = params.basal[cell_types]  # [m, d]
+        if m == 1:  # f32[d] states (see `single` below)
+            x0 = self.steady_state_guess(params, basal[0], factor)[None]
+        else:
+            x0 = self.steady_state_guess(params, basal, factor)  # [m, d], shared by its cells
+        x0 = jnp.repeat(x0, cells_per_trajectory, axis=0)  # [n, d]
+        basal = jnp.repeat(basal, cells_per_trajectory, axis=0)
+        # snapshot step tau ~ U{0..S-1}; the last min(tau, K) steps are simulated, the
+        # first tau - min(tau, K) replaced by the linear-noise law of x at that step
+        tau = jax.random.randint(time_key, (n, 1), 0, s)
+        simulated = jnp.minimum(tau, k_steps)
+        a2 = (1.0 - self.decay * self.dt) ** 2
+        var_rate = self.noise_scale**2 * 2.0 * self.decay * self.dt / (1.0 - a2)
+        var = var_rate * x0 * (1.0 - a2 ** (tau - simulated).astype(jnp.float32))
+        z = jax.random.normal(start_key, (n, d))
+        start = jnp.maximum(0.0, x0 + jnp.sqrt(var) * z)
+        xi = draw_increments(noise_key, (k_steps, n, d), self.increments)
+        active = jnp.arange(k_steps)[:, None, None] >= (k_steps - simulated)[None]  # [K, n, 1]
+        regulation = regulation_matrices(params.interactions)
+        single = n == 1  # f32[d] states: XLA's CPU code for a vmapped [1, d] @ [d, d] is slow
+        if single:
+            basal, start, xi, active = basal[0], start[0], xi[:, 0], active[:, 0]
+
+        def body(x, inputs):
+            noise, on = inputs
+            production = factor * production_rates(x, basal, regulation, params.half_response,
+                                                   self.hill)
+            nxt = euler_maruyama_step(x, production, noise, self.decay, self.noise_scale, self.dt)
+            return jnp.where(on, nxt, x), None
+
+        cells, _ = jax.lax.scan(body, start, (xi, active))
+        return cells.reshape(m, cells_per_trajectory, d)
+
+    def _simulate_trajectories(self, key, params, factor, cell_types, cells_per_trajectory):
         noise_key, snap_key = jax.random.split(key)
         basal = params.basal[cell_types]  # [m, d]
         start = self.steady_state_guess(params, basal, factor)
@@ -542,7 +618,7 @@ class SergioEnv(Environment):
     def measure(self, key: jax.Array, params: SergioParams, clean: jax.Array) -> jax.Array:
         """Counts f32[n, d] of clean cells f32[n, d] with this system's technical noise."""
         return measure_counts(key, clean, params.outlier_factor, params.dropout_midpoint,
-                              self.noise)
+                              self.noise, self.poisson_rounds)
 
     def _initial_rows(self, key: jax.Array, params: SergioParams) -> jax.Array:
         sim_key, measure_key = jax.random.split(key)
