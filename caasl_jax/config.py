@@ -17,41 +17,18 @@ from typing import Any
 
 import yaml
 
+from caasl_jax.agents.networks import EncoderConfig
+from caasl_jax.agents.redq import REDQConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderSettings:
-    """Alternating-attention encoder: width, layers, heads, FFN multiple, dropout."""
-
-    dim: int = 32
-    num_layers: int = 4
-    num_heads: int = 8
-    ffn_multiplier: int = 4
-    dropout: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
 class NetworkSettings:
-    encoder: EncoderSettings = EncoderSettings()
+    """A policy or critic network: its encoder and the per-variable head's widths."""
+
+    encoder: EncoderConfig = EncoderConfig()
     hidden: tuple[int, ...] = (128, 128)
-
-
-@dataclasses.dataclass(frozen=True)
-class REDQSettings:
-    """REDQ numbers (see caasl_jax.agents.redq.REDQConfig)."""
-
-    num_critics: int = 2
-    num_target_critics: int = 2
-    utd: int = 1
-    gamma: float = 0.9
-    tau: float = 1e-3
-    policy_lr: float = 1e-3
-    critic_lr: float = 3e-5
-    alpha_lr: float = 1e-3
-    init_log_alpha: float = 0.0
-    target_entropy: float | None = None
-    max_grad_norm: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +54,12 @@ class TrainConfig:
     replay_episodes: int = 20_000
     warmup_episodes: int = 64
     policy: NetworkSettings = NetworkSettings(
-        encoder=EncoderSettings(dim=32, num_layers=4, ffn_multiplier=4, dropout=0.1)
+        encoder=EncoderConfig(dim=32, num_layers=4, ffn_multiplier=4, dropout=0.1)
     )
     critic: NetworkSettings = NetworkSettings(
-        encoder=EncoderSettings(dim=32, num_layers=4, ffn_multiplier=2, dropout=0.0)
+        encoder=EncoderConfig(dim=32, num_layers=4, ffn_multiplier=2, dropout=0.0)
     )
-    redq: REDQSettings = REDQSettings()
+    redq: REDQConfig = REDQConfig()
     eval_every: int = 5
     eval_envs: int = 100
     checkpoint_every: int = 5

@@ -38,8 +38,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from caasl_jax import replay as replay_lib
-from caasl_jax.agents.networks import CriticConfig, EncoderConfig, PolicyConfig
-from caasl_jax.agents.redq import REDQ, REDQConfig, REDQState
+from caasl_jax.agents.networks import CriticConfig, PolicyConfig
+from caasl_jax.agents.redq import REDQ, REDQState
 from caasl_jax.config import TrainConfig, from_dict, to_dict
 from caasl_jax.envs.core import Environment
 from caasl_jax.envs.registry import make_env
@@ -64,20 +64,16 @@ def action_kind(env: Environment) -> str:
 def build_agent(config: TrainConfig, env: Environment) -> REDQ:
     """The REDQ agent described by the config, for the env's action layout."""
     kind = action_kind(env)
-
-    def encoder(settings) -> EncoderConfig:
-        return EncoderConfig(**dataclasses.asdict(settings.encoder))
-
     policy = PolicyConfig(
-        encoder=encoder(config.policy), hidden=config.policy.hidden, action_kind=kind
+        encoder=config.policy.encoder, hidden=config.policy.hidden, action_kind=kind
     )
     critic = CriticConfig(
-        encoder=encoder(config.critic),
+        encoder=config.critic.encoder,
         hidden=config.critic.hidden,
         action_kind=kind,
         num_critics=config.redq.num_critics,
     )
-    return REDQ(policy, critic, REDQConfig(**dataclasses.asdict(config.redq)))
+    return REDQ(policy, critic, config.redq)
 
 
 def load_reward_model(name_or_path: str):
