@@ -1,6 +1,7 @@
 """SERGIO cells per second: caasl_jax's simulator beside avici's NumPy SERGIO.
 
     python -m benchmarks.sergio_throughput [--batch 1000] [--repeats 5] [--avici-repeats 5]
+        [--langevin-steps 5 (0: full 150-step trajectories)] [--poisson-rounds 3]
 
 Prints one JSON object (compile time excluded, medians over repeats):
 - step: B environments stepping together, T = budget design steps in one jitted scan
@@ -147,11 +148,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--avici-repeats", type=int, default=5)
     parser.add_argument("--increments", default="rademacher", choices=["rademacher", "gaussian"])
+    parser.add_argument("--langevin-steps", type=int, default=5,
+                        help="SergioEnv.langevin_steps; 0 for None (full trajectories)")
+    parser.add_argument("--poisson-rounds", type=int, default=3)
     parser.add_argument("--ref", type=Path, default=Path(os.environ.get("AVICI_REF", DEFAULT_REF)))
     args = parser.parse_args(argv)
-    env = SergioEnv(d=args.d, increments=args.increments)
+    env = SergioEnv(d=args.d, increments=args.increments,
+                    langevin_steps=args.langevin_steps or None,
+                    poisson_rounds=args.poisson_rounds)
     result = {"benchmark": "sergio_throughput", "d": env.d, "n0": env.n0,
               "budget": env.budget, "increments": env.increments,
+              "langevin_steps": env.langevin_steps, "poisson_rounds": env.poisson_rounds,
               "trajectory_steps": env.n_steps, **jax_figures(env, args.batch, args.repeats)}
     sergio_cls = load_avici_sergio(args.ref)
     if sergio_cls is None:
