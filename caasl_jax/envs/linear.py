@@ -172,7 +172,8 @@ class LinearSCMEnv(Environment):
         def sweep(_, x):
             return x @ weights + exogenous(x)
 
-        return jax.lax.fori_loop(0, self.d, sweep, jnp.zeros((n, self.d), jnp.float32))
+        x0 = jnp.zeros((n, self.d), jnp.float32)
+        return jax.lax.fori_loop(0, self.d, sweep, x0, unroll=True)
 
     def _initial_rows(self, key: jax.Array, params: LinearParams) -> jax.Array:
         none = jnp.zeros((self.d,), jnp.float32)
