@@ -43,8 +43,10 @@ def measure(args) -> dict:
     if args.reward_size != "shipped":
         from caasl_jax.reward.model import AviciConfig
 
-        size = {"official": dict(dim=128, layers=8, heads=8, key_size=32),
-                "tiny": dict(dim=16, layers=1, heads=2, key_size=8)}[args.reward_size]
+        size = {
+            "official": dict(dim=128, layers=8, heads=8, key_size=32),
+            "tiny": dict(dim=16, layers=1, heads=2, key_size=8),
+        }[args.reward_size]
         score_builder = AviciScore(AviciConfig(**size))
     devices = jax.devices()[: args.devices_here]
     trainer, reward_params = make_trainer(config, devices, score_builder)
@@ -66,9 +68,13 @@ def measure(args) -> dict:
     st1 = mesh_free.init_state()
     episodes = roll(policy_params, rp, jax.random.key(2))
     replay = replay_lib.add_episodes(st1.replay, episodes)
-    batch = replay_lib.sample_transitions(replay, jax.random.key(3), (config.redq.utd, config.batch_size))
+    batch = replay_lib.sample_transitions(
+        replay, jax.random.key(3), (config.redq.utd, config.batch_size)
+    )
     update = jax.jit(mesh_free.agent.update)
-    update_t = time_call(update, st1.agent, batch, jax.random.key(4), repeats=args.repeats)["median_s"]
+    update_t = time_call(update, st1.agent, batch, jax.random.key(4), repeats=args.repeats)[
+        "median_s"
+    ]
 
     # whole fused call on all requested devices (warmup so that updates run)
     chunk = trainer.compile_chunk(state)
@@ -92,8 +98,10 @@ def measure(args) -> dict:
     }
     per_grad = update_t  # batch = config.batch_size
     scale = PAPER_BATCH / config.batch_size
-    projected_h = (PAPER_TRANSITIONS / (config.num_envs * env.budget / roll_t)
-                   + PAPER_GRAD_STEPS * per_grad * scale) / 3600
+    projected_h = (
+        PAPER_TRANSITIONS / (config.num_envs * env.budget / roll_t)
+        + PAPER_GRAD_STEPS * per_grad * scale
+    ) / 3600
     return {
         "config": args.config,
         "overrides": overrides,
@@ -103,8 +111,11 @@ def measure(args) -> dict:
         "num_envs": config.num_envs,
         "batch_size": config.batch_size,
         "rollout": {"seconds": roll_t, "transitions_per_s": config.num_envs * env.budget / roll_t},
-        "update": {"seconds": update_t, "grad_steps_per_s": 1 / update_t,
-                   "histories_per_s": config.batch_size * (config.redq.utd + 1) / update_t},
+        "update": {
+            "seconds": update_t,
+            "grad_steps_per_s": 1 / update_t,
+            "histories_per_s": config.batch_size * (config.redq.utd + 1) / update_t,
+        },
         "fused": fused,
         "replay_bytes_per_transition": replay_lib.bytes_per_transition(state.replay),
         "projected_paper_run_hours_single_device": projected_h,
@@ -127,9 +138,21 @@ def main(argv=None):
         return
     results = []
     for n in args.devices:
-        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--devices-here", str(n),
-               "--config", args.config, "--calls", str(args.calls), "--repeats", str(args.repeats),
-               "--reward-size", args.reward_size]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.train_throughput",
+            "--devices-here",
+            str(n),
+            "--config",
+            args.config,
+            "--calls",
+            str(args.calls),
+            "--repeats",
+            str(args.repeats),
+            "--reward-size",
+            args.reward_size,
+        ]
         for item in args.set:
             cmd += ["--set", item]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
