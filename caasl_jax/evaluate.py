@@ -85,20 +85,6 @@ def heldout_params(env: Environment, n_envs: int, seed: int) -> Any:
     return jax.vmap(env.sample_params)(keys)
 
 
-def summarize_returns(rewards: jax.Array) -> dict[str, Any]:
-    """Mean and standard error of the cumulative return after each step, rewards f32[B, T]."""
-    cumulative = jnp.cumsum(rewards, axis=1)
-    n = rewards.shape[0]
-    mean = cumulative.mean(0)
-    stderr = cumulative.std(0, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.zeros_like(mean)
-    return {
-        "return_mean": float(mean[-1]),
-        "return_stderr": float(stderr[-1]),
-        "cumulative_mean": [float(v) for v in mean],
-        "cumulative_stderr": [float(v) for v in stderr],
-    }
-
-
 # ----------------------------------------------------------------------------------
 # step-wise evaluation: the posterior after every acquisition
 # ----------------------------------------------------------------------------------
