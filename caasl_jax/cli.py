@@ -1,8 +1,10 @@
-"""`caasl` command line: train, pretrain-reward, envs.
+"""`caasl` command line: train, pretrain-reward, evaluate, export-policy, envs.
 
 caasl train --config small [--set key=value ...] [--run-dir runs/x] [--overwrite]
 caasl train --resume runs/x
 caasl pretrain-reward --env linear-d10 ...
+caasl evaluate --policy runs/x --env linear-d10 linear-ood [--n-envs 100 --seed 0]
+caasl export-policy runs/x policy.msgpack
 caasl envs [--d 10]
 """
 
@@ -57,79 +59,32 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    import csv
-    import json
-    from pathlib import Path
-
-    from caasl_jax.envs.registry import make_env
-    from caasl_jax.evaluate import BASELINES, agent_policy, evaluate_policy
+    from caasl_jax.evaluate import check_output_dir, evaluate_suite, write_results
     from caasl_jax.reward.pretrain import parse_env_overrides
-    from caasl_jax.train import RunDir, action_kind, load_reward_model, load_trained_policy
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")
-    names = list(dict.fromkeys([args.policy, *args.baselines]))
-    run_dirs = [name for name in names if name not in BASELINES]
-    for name in run_dirs:
-        if not Path(name).is_dir():
-            raise ValueError(
-                f"--policy/--baselines: {name!r} is neither a run directory nor a baseline "
-                f"({', '.join(BASELINES)})"
-            )
-    # environments take the policy run's settings (n0, budget, ...), then --env-set
-    overrides = dict(RunDir(run_dirs[0]).load_config().env_overrides) if run_dirs else {}
-    overrides.update(parse_env_overrides(args.env_set))
-    envs = [make_env(name, **overrides) for name in args.env]  # bad names fail before work
-    agent = policy_params = None
-    reward_name = args.reward_model
-    for name in names:
-        if name not in BASELINES:
-            agent, policy_params, config = load_trained_policy(name)
-            reward_name = reward_name or config.reward_model
-    if reward_name is None:
-        raise ValueError("--reward-model is required when no trained policy is evaluated")
-    reward_params, reward_config = load_reward_model(reward_name)
-    results, rows = {}, []
-    for env_name, env in zip(args.env, envs):
-        for name in names:
-            if name in BASELINES:
-                policy = BASELINES[name](env)
-            else:
-                if action_kind(env) != agent.policy_config.action_kind:
-                    raise ValueError(
-                        f"the policy in {name} cannot act on {env_name} (action layout)"
-                    )
-                policy = agent_policy(agent, policy_params, args.mode)
-            label = name if name in BASELINES else "caasl"
-            summary = evaluate_policy(
-                env, policy, reward_params, reward_config, args.n_envs, args.seed
-            )
-            results.setdefault(env_name, {})[label] = summary
-            for metric, stats in summary.items():
-                for step, (mean, se) in enumerate(zip(stats["mean"], stats["stderr"])):
-                    rows.append([env_name, label, metric, step, mean, se])
-            final = {m: summary[m]["mean"][-1] for m in ("return", "auprc", "shd")}
-            se = summary["return"]["stderr"][-1]
-            print(
-                f"{env_name:28s} {label:14s} return {final['return']:7.3f} ± {se:.3f}"
-                f"   AUPRC {final['auprc']:.3f}   SHD {final['shd']:.2f}"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "policy": args.policy,
-        "baselines": args.baselines,
-        "mode": args.mode,
-        "n_envs": args.n_envs,
-        "seed": args.seed,
-        "reward_model": reward_name,
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["env", "policy", "metric", "step", "mean", "stderr"])
-        writer.writerows(rows)
-    print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+    check_output_dir(args.out, args.overwrite)
+    results, meta = evaluate_suite(
+        args.env,
+        [args.policy, *args.baselines],
+        n_envs=args.n_envs,
+        seed=args.seed,
+        mode=args.mode,
+        reward_model=args.reward_model,
+        env_overrides=parse_env_overrides(args.env_set),
+        n_workers=args.workers,
+        progress=not args.no_progress,
+    )
+    meta.update(policy=args.policy, baselines=args.baselines)
+    json_path, csv_path = write_results(args.out, results, meta)
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def _export_policy(args) -> int:
+    from caasl_jax.evaluate import export_policy
+
+    path = export_policy(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB): config + policy parameters")
     return 0
 
 
@@ -172,9 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(func=None)
 
     ev = sub.add_parser("evaluate", help="evaluate a trained policy and baselines per step")
-    ev.add_argument("--policy", required=True, help="run directory, or a baseline name")
-    ev.add_argument("--baselines", nargs="*", default=["random", "random-single", "observational"])
-    ev.add_argument("--env", nargs="+", required=True, help="one or more environment names")
+    ev.add_argument(
+        "--policy",
+        required=True,
+        help="run directory, exported policy file (.msgpack), or a baseline name",
+    )
+    ev.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["random", "random-single", "observational"],
+        help="random, random-single, observational; diffcbed, ss-finite (linear, slow)",
+    )
+    ev.add_argument(
+        "--env",
+        nargs="+",
+        required=True,
+        help="environment names or suites: linear-ood[-dN], sergio-ood[-dN], "
+        "linear-dims[:10,12,15,20], sergio-dims",
+    )
     ev.add_argument(
         "--env-set",
         action="append",
@@ -188,7 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward-model", help="reward model (default: the policy run's)")
     ev.add_argument("--out", default="results/eval", help="output folder (JSON + CSV)")
     ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument(
+        "--workers", type=int, help="processes for the GIES refits (default: all cores)"
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)
+
+    export = sub.add_parser(
+        "export-policy", help="write a run's policy (config + parameters) to one small file"
+    )
+    export.add_argument("run_dir", help="training run directory")
+    export.add_argument("out", help="output file, e.g. policies/linear-d10.msgpack")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=_export_policy)
 
     envs = sub.add_parser("envs", help="list the registered environments")
     envs.add_argument("--d", type=int, default=10)

@@ -1,17 +1,26 @@
 """Rollouts of design policies and baselines over batches of environments.
 
 A *design policy* here is any `policy(key, history) -> action f32[action_dim]`; the
-trained CAASL policy and the baselines share this interface, so one compiled rollout
-function serves all of them:
+trained CAASL policy and the baselines share this interface. Evaluation compiles one
+rollout per (environment, agent architecture) in which the policy is a branch index
+(`lax.switch`), so every baseline and every policy checkpoint of one architecture
+reuse the same executable:
 
-    policy = agent_policy(agent, policy_params)            # stochastic CAASL policy
-    rewards = rollout_rewards(env, policy, params, key)    # f32[B, T]
+    rollout = design_rollout(env, agent)                       # compiled once
+    histories = rollout(branch_index("random"), (), params, key)
+
+`evaluate_suite` runs policies and baselines on named environments and suites
+(`linear-ood`, `sergio-ood`, `linear-dims`, ...) and is what `caasl evaluate` and the
+scripts in experiments/ call.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +30,7 @@ from caasl_jax.envs.core import Environment, History
 
 Policy = Callable[[jax.Array, History], jax.Array]
 POLICY_MODES = ("stochastic", "deterministic")
+POLICY_FORMAT = "caasl-jax-policy-v1"
 
 
 def agent_policy(agent, policy_params, mode: str = "stochastic") -> Policy:
@@ -86,6 +96,50 @@ def heldout_params(env: Environment, n_envs: int, seed: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------
+# one compiled rollout for every baseline and policy of an architecture
+# ----------------------------------------------------------------------------------
+
+#: branch order of `design_rollout`; the CAASL branches exist only with an agent
+DESIGN_BRANCHES = (*BASELINES, "caasl-stochastic", "caasl-deterministic")
+
+
+def branch_index(name: str, mode: str = "stochastic") -> jnp.ndarray:
+    """The `design_rollout` branch of a baseline name, or of "caasl" in a policy mode."""
+    label = f"caasl-{mode}" if name == "caasl" else name
+    if label not in DESIGN_BRANCHES:
+        raise ValueError(f"unknown design policy {name!r}; known: caasl, {', '.join(BASELINES)}")
+    return jnp.asarray(DESIGN_BRANCHES.index(label), jnp.int32)
+
+
+def switched_policy(env: Environment, agent, branch, policy_params) -> Policy:
+    """The design policy selected by the traced int `branch` (see DESIGN_BRANCHES)."""
+    branches = [make(env) for make in BASELINES.values()]
+    if agent is not None:
+        branches += [agent_policy(agent, policy_params, mode) for mode in POLICY_MODES]
+
+    def policy(key, history):
+        # clamp: without an agent the CAASL branches do not exist
+        return jax.lax.switch(jnp.minimum(branch, len(branches) - 1), branches, key, history)
+
+    return policy
+
+
+@functools.lru_cache(maxsize=64)
+def design_rollout(env: Environment, agent=None):
+    """Jitted (branch i32[], policy_params, env_params [B], key) -> final histories [B].
+
+    Cached per (env, agent architecture): baselines and checkpoints share one executable.
+    Without an agent pass `()` as policy_params and only baseline branches exist.
+    """
+
+    def rollout(branch, policy_params, env_params, key):
+        policy = switched_policy(env, agent, branch, policy_params)
+        return rollout_episodes(env, policy, env_params, key)[0]
+
+    return jax.jit(rollout)
+
+
+# ----------------------------------------------------------------------------------
 # step-wise evaluation: the posterior after every acquisition
 # ----------------------------------------------------------------------------------
 
@@ -131,23 +185,313 @@ def summarize_stepwise(metrics: dict) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def evaluate_policy(
-    env: Environment, policy: Policy, reward_params, reward_config, n_envs: int, seed: int
-) -> dict:
-    """Roll `policy` out on n_envs fixed held-out environments (by seed) and score every step.
-
-    The environments and the rollout randomness depend only on (env, n_envs, seed), so
-    every policy and baseline is judged on the same systems.
-    """
-    params = heldout_params(env, n_envs, seed)
-    key = jax.random.fold_in(jax.random.key(seed), 11)
-    rollout = jax.jit(lambda params, key: rollout_episodes(env, policy, params, key)[0])
-    histories = rollout(params, key)
-    metrics = _stepwise_jit(env, reward_config)(histories, params.graph, reward_params)
-    return summarize_stepwise(jax.device_get(metrics))
-
-
 @functools.lru_cache(maxsize=32)
 def _stepwise_jit(env: Environment, reward_config):
     """One compiled step-wise scorer per (env, reward model config), shared by all policies."""
     return jax.jit(lambda h, g, rp: stepwise_metrics(env, h, g, rp, reward_config))
+
+
+def rollout_key(seed: int) -> jax.Array:
+    """The rollout randomness of an evaluation: a function of the seed only."""
+    return jax.random.fold_in(jax.random.key(seed), 11)
+
+
+def score_histories(env: Environment, histories: History, params, reward_params, reward_config):
+    """Step-wise summary ({metric: {"mean", "stderr"}}) of final histories [B]."""
+    metrics = _stepwise_jit(env, reward_config)(histories, params.graph, reward_params)
+    return summarize_stepwise(jax.device_get(metrics))
+
+
+def evaluate_policy(
+    env: Environment, policy: Policy, reward_params, reward_config, n_envs: int, seed: int
+) -> dict:
+    """Roll an arbitrary `policy` out on n_envs held-out environments and score every step.
+
+    The environments and the rollout randomness depend only on (env, n_envs, seed), so
+    every policy and baseline is judged on the same systems. (Baselines and trained
+    policies go through `evaluate_design`, which reuses one compiled rollout.)
+    """
+    params = heldout_params(env, n_envs, seed)
+    rollout = jax.jit(lambda params, key: rollout_episodes(env, policy, params, key)[0])
+    histories = rollout(params, rollout_key(seed))
+    return score_histories(env, histories, params, reward_params, reward_config)
+
+
+def evaluate_design(
+    env: Environment,
+    name: str,
+    reward_params,
+    reward_config,
+    n_envs: int,
+    seed: int,
+    agent=None,
+    policy_params=(),
+    mode: str = "stochastic",
+) -> dict:
+    """Step-wise summary of a baseline (by name) or of "caasl" (agent + params).
+
+    All names share one compiled rollout per (env, agent); see `design_rollout`.
+    """
+    if name == "caasl" and agent is None:
+        raise ValueError("evaluating 'caasl' needs the agent and its policy parameters")
+    params = heldout_params(env, n_envs, seed)
+    branch = branch_index(name, mode)
+    histories = design_rollout(env, agent)(branch, policy_params, params, rollout_key(seed))
+    return score_histories(env, histories, params, reward_params, reward_config)
+
+
+# ----------------------------------------------------------------------------------
+# named suites (paper appendix C) and trained policies on disk
+# ----------------------------------------------------------------------------------
+
+#: the OOD suites of appendix C, by variant, in the paper's panel order
+ENV_SETS: dict[str, tuple[str, ...]] = {
+    "linear-ood": (
+        "linear-ood-graph",
+        "linear-ood-mech",
+        "linear-ood-noise",
+        "linear-ood-hetero",
+        "linear-ood-shift",
+    ),
+    "sergio-ood": (
+        "sergio-ood-graph",
+        "sergio-ood-dropseq",
+        "sergio-ood-knockdown",
+        "sergio-ood-noisy",
+    ),
+}
+#: the dimensionality sweep of figures 5, 7 and 8
+DIMENSION_SWEEP = (10, 12, 15, 20)
+
+_SET_NAME = re.compile(r"^(?P<set>[a-z]+-ood)(?:-d(?P<d>\d+))?$")
+_DIMS_NAME = re.compile(r"^(?P<family>[a-z]+)-dims(?::(?P<dims>\d+(?:,\d+)*))?$")
+
+
+def expand_env_names(names: Sequence[str]) -> list[str]:
+    """Environment names with suites expanded, duplicates dropped, order kept.
+
+    `linear-ood` (d = 10) or `linear-ood-d15`: the appendix-C OOD set at that d;
+    `linear-dims` (d = 10, 12, 15, 20) or `linear-dims:10,30,50`: the dimensionality
+    sweep; anything else is an environment name (checked by `make_env`).
+    """
+    expanded = []
+    for name in names:
+        if match := _SET_NAME.match(name):
+            if match["set"] not in ENV_SETS:
+                raise ValueError(f"unknown environment set {name!r}; known: {', '.join(ENV_SETS)}")
+            d = int(match["d"] or 10)
+            expanded += [f"{variant}-d{d}" for variant in ENV_SETS[match["set"]]]
+        elif match := _DIMS_NAME.match(name):
+            dims = [int(x) for x in match["dims"].split(",")] if match["dims"] else DIMENSION_SWEEP
+            expanded += [f"{match['family']}-d{d}" for d in dims]
+        else:
+            expanded.append(name)
+    return list(dict.fromkeys(expanded))
+
+
+def _policy_template(agent, env: Environment):
+    """Shapes of the policy parameters of `agent` (no FLOPs spent)."""
+
+    def init(key):
+        obs, _ = env.reset(key, env.sample_params(key))
+        return agent.policy.init(key, obs.data, obs.mask)
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a run's latest policy (config + policy parameters only) to one msgpack file.
+
+    The file is what `load_policy` reads and what `caasl evaluate --policy FILE` takes;
+    critics, optimiser state and replay stay in the run directory.
+    """
+    import numpy as np
+    from flax import serialization
+
+    from caasl_jax.config import to_dict
+    from caasl_jax.train import load_trained_policy
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    _, policy_params, config = load_trained_policy(run_dir)
+    tree = {
+        "format": POLICY_FORMAT,
+        "config": json.dumps(to_dict(config), sort_keys=True),
+        "params": jax.tree.map(np.asarray, jax.device_get(policy_params)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.msgpack_serialize(tree))
+    return path
+
+
+def _read_policy_file(path: Path):
+    """(agent, policy_params, config) from a file written by `export_policy`."""
+    from flax import serialization
+
+    from caasl_jax.config import TrainConfig, from_dict
+    from caasl_jax.envs.registry import make_env
+    from caasl_jax.train import build_agent
+
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:  # msgpack raises several unrelated types
+        raise ValueError(f"{path}: not a caasl-jax policy file (msgpack: {err})") from None
+    if not isinstance(tree, dict) or tree.get("format") != POLICY_FORMAT:
+        raise ValueError(f"{path}: not a caasl-jax policy file (no {POLICY_FORMAT!r} tag)")
+    config = from_dict(TrainConfig, json.loads(tree["config"]), f"{path} config")
+    env = make_env(config.env, **config.env_overrides)
+    agent = build_agent(config, env)
+    template = _policy_template(agent, env)
+    params = tree["params"]
+    expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), template)
+    found = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+    if jax.tree.structure(expected) != jax.tree.structure(found) or expected != found:
+        raise ValueError(f"{path}: policy parameters do not match the policy its config describes")
+    return agent, params, config
+
+
+def load_policy(path_or_run_dir: str | Path):
+    """(agent, policy_params, config) of a run directory's latest checkpoint or a policy file."""
+    path = Path(path_or_run_dir)
+    if path.is_dir():
+        from caasl_jax.train import load_trained_policy
+
+        return load_trained_policy(path)
+    if path.is_file():
+        return _read_policy_file(path)
+    raise ValueError(f"{path}: neither a run directory nor a policy file")
+
+
+# ----------------------------------------------------------------------------------
+# suites of environments x designs, as `caasl evaluate` and experiments/ run them
+# ----------------------------------------------------------------------------------
+
+
+def likelihood_baselines() -> dict[str, Callable]:
+    """DiffCBED / SS Finite (caasl_jax.baselines) when that module is available."""
+    try:
+        from caasl_jax.baselines import LIKELIHOOD_BASELINES
+    except ImportError:
+        return {}
+    return dict(LIKELIHOOD_BASELINES)
+
+
+def evaluate_suite(
+    env_names: Sequence[str],
+    designs: Sequence[str],
+    *,
+    n_envs: int = 100,
+    seed: int = 0,
+    mode: str = "stochastic",
+    reward_model: str | None = None,
+    env_overrides: dict | None = None,
+    n_workers: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> tuple[dict, dict]:
+    """Evaluate designs on environments; every input is checked before any rollout.
+
+    designs: baseline names (`random`, `random-single`, `observational`, and the
+    likelihood-based `diffcbed`, `ss-finite`) and at most one trained policy (a run
+    directory or a policy file), labelled "caasl". env_names may hold suites (see
+    `expand_env_names`). Environment settings come from the policy's run config, then
+    `env_overrides`. Returns ({env: {label: {metric: {"mean", "stderr"}}}}, meta).
+    """
+    from caasl_jax.envs.registry import make_env
+    from caasl_jax.train import action_kind, load_reward_model
+
+    if mode not in POLICY_MODES:
+        raise ValueError(f"unknown policy mode {mode!r}; choose one of {POLICY_MODES}")
+    slow = likelihood_baselines()
+    designs = list(dict.fromkeys(designs))
+    trained = [name for name in designs if name not in BASELINES and name not in slow]
+    for name in trained:
+        if not Path(name).exists():
+            known = ", ".join([*BASELINES, "diffcbed", "ss-finite"])
+            raise ValueError(
+                f"design {name!r} is neither a run directory, a policy file nor a "
+                f"baseline ({known})"
+            )
+    if len(trained) > 1:
+        raise ValueError(f"evaluate one trained policy at a time, got {trained}")
+    agent, policy_params, policy_config = load_policy(trained[0]) if trained else (None, (), None)
+    overrides = dict(policy_config.env_overrides) if policy_config else {}
+    overrides.update(env_overrides or {})
+    names = expand_env_names(env_names)
+    envs = {name: make_env(name, **overrides) for name in names}  # bad names fail here
+    if agent is not None:
+        for name, env in envs.items():
+            if action_kind(env) != agent.policy_config.action_kind:
+                raise ValueError(f"the policy in {trained[0]} cannot act on {name} (action layout)")
+    reward_name = reward_model or (policy_config.reward_model if policy_config else None)
+    if reward_name is None:
+        raise ValueError("a reward model is required when no trained policy is evaluated")
+    reward_params, reward_config = load_reward_model(reward_name)
+
+    results = {}
+    for env_name, env in envs.items():
+        params = heldout_params(env, n_envs, seed)
+        for name in designs:
+            label = "caasl" if name in trained else name
+            if name in slow:
+                histories = slow[name](
+                    env, params, rollout_key(seed), n_workers=n_workers, progress=progress
+                )
+                summary = score_histories(env, histories, params, reward_params, reward_config)
+            else:
+                summary = evaluate_design(
+                    env, label, reward_params, reward_config, n_envs, seed,
+                    agent=agent, policy_params=policy_params, mode=mode,
+                )  # fmt: skip
+            results.setdefault(env_name, {})[label] = summary
+            if log:
+                final = {m: summary[m]["mean"][-1] for m in ("return", "auprc", "shd")}
+                log(
+                    f"{env_name:28s} {label:14s} return {final['return']:7.3f} ± "
+                    f"{summary['return']['stderr'][-1]:.3f}   AUPRC {final['auprc']:.3f}"
+                    f"   SHD {final['shd']:.2f}"
+                )
+    meta = {
+        "designs": designs,
+        "envs": names,
+        "env_overrides": overrides,
+        "mode": mode,
+        "n_envs": n_envs,
+        "seed": seed,
+        "reward_model": reward_name,
+    }
+    return results, meta
+
+
+def results_rows(results: dict) -> list[list]:
+    """Long-format rows [env, policy, metric, step, mean, stderr] of `evaluate_suite` results."""
+    rows = []
+    for env_name, by_design in results.items():
+        for label, summary in by_design.items():
+            for metric, stats in summary.items():
+                for step, (mean, se) in enumerate(zip(stats["mean"], stats["stderr"])):
+                    rows.append([env_name, label, metric, step, mean, se])
+    return rows
+
+
+def write_results(out: str | Path, results: dict, meta: dict) -> tuple[Path, Path]:
+    """results.json ({"meta", "results"}) and results.csv (long format) under `out`."""
+    import csv
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "results.json", out / "results.csv"
+    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env", "policy", "metric", "step", "mean", "stderr"])
+        writer.writerows(results_rows(results))
+    return json_path, csv_path
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty folder unless told to (before any work)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

@@ -1,0 +1,173 @@
+"""Evaluation: suites, baselines' designs, compiled-function reuse, policy files, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_train import tiny_config_dict, tiny_reward_weights
+
+from caasl_jax import evaluate as ev
+from caasl_jax import train as train_lib
+from caasl_jax.cli import main as cli_main
+from caasl_jax.config import TrainConfig, from_dict
+from caasl_jax.envs.registry import make_env
+from caasl_jax.reward.checkpoint import load_weights
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A trained tiny policy (one host call) on linear-d3, n0 = 4, budget 3."""
+    folder = tmp_path_factory.mktemp("eval")
+    reward = tiny_reward_weights(folder / "reward.msgpack")
+    config = from_dict(TrainConfig, tiny_config_dict(reward))
+    run = folder / "run"
+    train_lib.train(config, run, progress=False, max_calls=1)
+    return run, config, reward
+
+
+def test_suites_expand_to_the_appendix_c_sets():
+    assert ev.expand_env_names(["linear-ood"]) == [
+        "linear-ood-graph-d10",
+        "linear-ood-mech-d10",
+        "linear-ood-noise-d10",
+        "linear-ood-hetero-d10",
+        "linear-ood-shift-d10",
+    ]
+    assert ev.expand_env_names(["sergio-ood-d12"]) == [
+        "sergio-ood-graph-d12",
+        "sergio-ood-dropseq-d12",
+        "sergio-ood-knockdown-d12",
+        "sergio-ood-noisy-d12",
+    ]
+    assert ev.expand_env_names(["linear-dims"]) == [f"linear-d{d}" for d in (10, 12, 15, 20)]
+    assert ev.expand_env_names(["linear-d10", "linear-dims:10,30"]) == ["linear-d10", "linear-d30"]
+    for name in ev.expand_env_names(["linear-ood", "sergio-ood", "sergio-dims"]):
+        make_env(name)  # every expanded name is registered
+    with pytest.raises(ValueError, match="unknown environment set 'gauss-ood'"):
+        ev.expand_env_names(["gauss-ood"])
+
+
+def _designs(env, name, n_envs=64, seed=0):
+    """Intervention masks [B, T, d] and values [B, T, d] of the design rows of a baseline."""
+    params = ev.heldout_params(env, n_envs, seed)
+    histories = ev.design_rollout(env)(ev.branch_index(name), (), params, ev.rollout_key(seed))
+    rows = histories.data[:, env.n0 :]
+    return np.asarray(rows[..., 1]), np.asarray(rows[..., 0])
+
+
+def test_baselines_make_the_documented_designs():
+    env = make_env("linear-d4", n0=3, budget=6)
+    masks, _ = _designs(env, "observational")
+    assert masks.sum() == 0
+    masks, _ = _designs(env, "random-single")
+    assert np.all(masks.sum(-1) == 1)
+    assert set(np.argmax(masks, -1).ravel()) == set(range(4))
+    masks, values = _designs(env, "random")
+    # each variable is a target w.p. 1/2, independently: 64 * 6 designs per variable
+    assert np.all(np.abs(masks.mean((0, 1)) - 0.5) < 0.1), masks.mean((0, 1))
+    assert 0.3 < np.mean(masks.sum(-1) == 0) * 16 < 1.8  # P(no target) = 1/16
+    # do-interventions: a target's recorded value is the chosen value, spread over the range
+    targeted = values[masks == 1]
+    assert targeted.std() > 0.3 and np.abs(targeted).max() <= env.value_scale
+
+
+def test_sergio_random_baseline_targets_every_gene():
+    """The release's SERGIO random baseline only picked the first d/2 genes; ours any gene."""
+    env = make_env("sergio-d6")
+    policy = ev.random_policy(env)
+    actions = jax.vmap(policy, in_axes=(0, None))(jax.random.split(jax.random.key(0), 2000), None)
+    assert actions.shape == (2000, env.action_dim) == (2000, 6)
+    share = np.asarray((actions > 0).mean(0))
+    assert np.all(np.abs(share - 0.5) < 0.05), share
+
+
+def test_one_compiled_rollout_serves_all_baselines_and_the_policy(tiny_run):
+    run, config, reward = tiny_run
+    agent, policy_params, _ = ev.load_policy(run)
+    env = make_env("linear-d3", **config.env_overrides)
+    reward_params, reward_config = load_weights(reward)[:2]
+    summaries = {}
+    for name in ("random", "random-single", "observational", "caasl"):
+        summaries[name] = ev.evaluate_design(
+            env, name, reward_params, reward_config, 6, 0, agent=agent, policy_params=policy_params
+        )
+    summaries["det"] = ev.evaluate_design(
+        env, "caasl", reward_params, reward_config, 6, 0, agent, policy_params, "deterministic"
+    )
+    assert ev.design_rollout(env, agent)._cache_size() == 1
+    assert ev._stepwise_jit(env, reward_config)._cache_size() == 1
+    # the branches really are different designs
+    assert summaries["observational"]["return"] != summaries["random"]["return"]
+    assert summaries["caasl"]["return"] != summaries["det"]["return"]
+    # deterministic under the seed, different under another seed
+    again = ev.evaluate_design(
+        env, "random", reward_params, reward_config, 6, 0, agent=agent, policy_params=policy_params
+    )
+    assert again == summaries["random"]
+    other = ev.evaluate_design(
+        env, "random", reward_params, reward_config, 6, 1, agent=agent, policy_params=policy_params
+    )
+    assert other["return"] != summaries["random"]["return"]
+
+
+def test_policy_file_round_trip_and_errors(tiny_run, tmp_path, capsys):
+    run, config, reward = tiny_run
+    path = ev.export_policy(run, tmp_path / "policy.msgpack")
+    agent, params, loaded_config = ev.load_policy(path)
+    _, run_params, _ = ev.load_policy(run)
+    assert loaded_config == config
+    chex_equal = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params,
+                              run_params)  # fmt: skip
+    assert all(jax.tree.leaves(chex_equal))
+    with pytest.raises(FileExistsError):
+        ev.export_policy(run, path)
+    # the file evaluates exactly like the run directory
+    out_file, out_run = tmp_path / "from_file", tmp_path / "from_run"
+    common = ["--env", "linear-d3", "--baselines", "--n-envs", "4", "--no-progress"]
+    assert cli_main(["evaluate", "--policy", str(path), *common, "--out", str(out_file)]) == 0
+    assert cli_main(["evaluate", "--policy", str(run), *common, "--out", str(out_run)]) == 0
+    from_file = json.loads((out_file / "results.json").read_text())["results"]
+    from_run = json.loads((out_run / "results.json").read_text())["results"]
+    assert from_file == from_run
+    # corrupt / foreign files: a clear error and nothing written
+    capsys.readouterr()
+    garbage = tmp_path / "garbage.msgpack"
+    garbage.write_bytes(b"\x00not a policy")
+    out_bad = tmp_path / "bad"
+    assert cli_main(["evaluate", "--policy", str(garbage), *common, "--out", str(out_bad)]) == 2
+    assert "not a caasl-jax policy file" in capsys.readouterr().err
+    assert not out_bad.exists()
+    assert cli_main(["evaluate", "--policy", str(reward), *common, "--out", str(out_bad)]) == 2
+    assert "not a caasl-jax policy file" in capsys.readouterr().err
+    assert not out_bad.exists()
+    # an existing result is not overwritten silently
+    before = (out_run / "results.json").read_text()
+    assert cli_main(["evaluate", "--policy", str(run), *common, "--out", str(out_run)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (out_run / "results.json").read_text() == before
+
+
+def test_suite_rejects_bad_input_before_any_work(tiny_run, tmp_path):
+    run, _, reward = tiny_run
+    with pytest.raises(ValueError, match="unknown linear variant 'ood-wrong'"):
+        ev.evaluate_suite(["linear-d3", "linear-ood-wrong-d3"], [str(run)], n_envs=2)
+    with pytest.raises(ValueError, match="neither a run directory"):
+        ev.evaluate_suite(["linear-d3"], ["randm"], n_envs=2, reward_model=str(reward))
+    with pytest.raises(ValueError, match="reward model is required"):
+        ev.evaluate_suite(["linear-d3"], ["random"], n_envs=2)
+    with pytest.raises(ValueError, match="cannot act on sergio-d3"):
+        ev.evaluate_suite(["sergio-d3"], [str(run)], n_envs=2)
+    with pytest.raises(ValueError, match="unknown policy mode"):
+        ev.evaluate_suite(["linear-d3"], [str(run)], mode="greedy")
+
+
+def test_write_results_long_format(tmp_path):
+    results = {"e": {"random": {"return": {"mean": [0.0, 1.5], "stderr": [0.0, 0.25]}}}}
+    json_path, csv_path = ev.write_results(tmp_path, results, {"seed": 3})
+    assert json.loads(json_path.read_text()) == {"meta": {"seed": 3}, "results": results}
+    assert csv_path.read_text().splitlines() == [
+        "env,policy,metric,step,mean,stderr",
+        "e,random,return,0,0.0,0.0",
+        "e,random,return,1,1.5,0.25",
+    ]
