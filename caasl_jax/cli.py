@@ -76,7 +76,10 @@ def _evaluate(args) -> int:
     )
     meta.update(policy=args.policy, baselines=args.baselines)
     json_path, csv_path = write_results(args.out, results, meta)
-    print(f"wrote {json_path} and {csv_path}")
+    from caasl_jax.plots import plot_stepwise
+
+    plot = plot_stepwise(results, json_path.parent / "returns.png")
+    print(f"wrote {json_path}, {csv_path} and {plot}")
     return 0
 
 

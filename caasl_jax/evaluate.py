@@ -351,16 +351,35 @@ def _read_policy_file(path: Path):
     return agent, params, config
 
 
-def load_policy(path_or_run_dir: str | Path):
-    """(agent, policy_params, config) of a run directory's latest checkpoint or a policy file."""
-    path = Path(path_or_run_dir)
+POLICIES_DIR = Path(__file__).parent / "policies"
+
+
+def available_policies() -> list[str]:
+    """Names of the trained policies shipped in caasl_jax/policies/."""
+    return sorted(p.stem for p in POLICIES_DIR.glob("*.msgpack"))
+
+
+def is_policy_spec(spec: str | Path) -> bool:
+    """True for a run directory, a policy file or a shipped policy name."""
+    return Path(spec).exists() or str(spec) in available_policies()
+
+
+def load_policy(spec: str | Path):
+    """(agent, policy_params, config) of a run directory's latest checkpoint, a policy
+    file written by `export_policy`, or a shipped policy by name (e.g. "linear-d10")."""
+    path = Path(spec)
     if path.is_dir():
         from caasl_jax.train import load_trained_policy
 
         return load_trained_policy(path)
     if path.is_file():
         return _read_policy_file(path)
-    raise ValueError(f"{path}: neither a run directory nor a policy file")
+    if str(spec) in available_policies():
+        return _read_policy_file(POLICIES_DIR / f"{spec}.msgpack")
+    raise ValueError(
+        f"{spec}: neither a run directory, a policy file nor a shipped policy "
+        f"({', '.join(available_policies()) or 'none shipped'})"
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -394,9 +413,10 @@ def evaluate_suite(
 
     designs: baseline names (`random`, `random-single`, `observational`, and the
     likelihood-based `diffcbed`, `ss-finite`) and at most one trained policy (a run
-    directory or a policy file), labelled "caasl". env_names may hold suites (see
-    `expand_env_names`). Environment settings come from the policy's run config, then
-    `env_overrides`. Returns ({env: {label: {metric: {"mean", "stderr"}}}}, meta).
+    directory, a policy file or a shipped policy name), labelled "caasl". env_names
+    may hold suites (see `expand_env_names`). Environment settings come from the
+    policy's run config, then `env_overrides`.
+    Returns ({env: {label: {metric: {"mean", "stderr"}}}}, meta).
     """
     from caasl_jax.envs.registry import make_env
     from caasl_jax.train import action_kind, load_reward_model
@@ -407,11 +427,11 @@ def evaluate_suite(
     designs = list(dict.fromkeys(designs))
     trained = [name for name in designs if name not in BASELINES and name not in slow]
     for name in trained:
-        if not Path(name).exists():
+        if not is_policy_spec(name):
             known = ", ".join([*BASELINES, "diffcbed", "ss-finite"])
             raise ValueError(
-                f"design {name!r} is neither a run directory, a policy file nor a "
-                f"baseline ({known})"
+                f"design {name!r} is neither a run directory, a policy file, a shipped "
+                f"policy ({', '.join(available_policies()) or 'none'}) nor a baseline ({known})"
             )
     if len(trained) > 1:
         raise ValueError(f"evaluate one trained policy at a time, got {trained}")

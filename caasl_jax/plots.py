@@ -52,3 +52,74 @@ def plot_training_curves(metrics_path, evals_path, out_path) -> Path:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+#: colours and order of designs in evaluation plots (CAASL first, as in the paper)
+DESIGN_STYLE = {
+    "caasl": ("CAASL", "C3"),
+    "random": ("Random", "C0"),
+    "random-single": ("Random (single target)", "C9"),
+    "observational": ("Observational", "C7"),
+    "diffcbed": ("DiffCBED", "C2"),
+    "ss-finite": ("SS Finite", "C4"),
+}
+METRIC_LABELS = {
+    "return": "return  R(h_t) - R(h_0)",
+    "expected_correct": "expected correct entries",
+    "expected_shd": "expected SHD",
+    "shd": "SHD",
+    "auprc": "AUPRC",
+    "average_precision": "average precision",
+    "auroc": "AUROC",
+    "edge_f1": "edge F1",
+}
+
+
+def plot_stepwise(
+    results: dict,
+    out_path,
+    metrics: tuple[str, ...] = ("return",),
+    panel_titles: dict[str, str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Metric vs number of acquisitions, one panel per (env, metric), designs with ±1 s.e.
+
+    results: {env: {design: {metric: {"mean": [T+1], "stderr": [T+1]}}}} as written by
+    `caasl evaluate` / `evaluate_suite`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(env, metric) for env in results for metric in metrics]
+    cols = min(len(panels), 5)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, (env, metric) in zip(axes.ravel(), panels):
+        for design, summary in results[env].items():
+            label, color = DESIGN_STYLE.get(design, (design, None))
+            mean, se = summary[metric]["mean"], summary[metric]["stderr"]
+            ax.errorbar(
+                range(len(mean)), mean, yerr=se, label=label, color=color,
+                marker="o", ms=2.5, lw=1.2, capsize=2,
+            )  # fmt: skip
+        name = (panel_titles or {}).get(env, env)
+        ax.set_title(name if len(metrics) == 1 else f"{name}: {METRIC_LABELS.get(metric, metric)}",
+                     fontsize=9)  # fmt: skip
+        ax.set_xlabel("number of acquisitions")
+        if len(metrics) == 1 or ax in axes[:, 0]:
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

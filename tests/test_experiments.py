@@ -1,0 +1,61 @@
+"""experiments/: every figure config is valid, and the README table is what the scripts made."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import common  # noqa: E402
+import results_table  # noqa: E402
+
+from caasl_jax.envs.registry import make_env  # noqa: E402
+from caasl_jax.evaluate import BASELINES, available_policies, expand_env_names  # noqa: E402
+
+FIGURES = sorted(p.stem for p in common.CONFIGS.glob("*.yaml"))
+
+
+def test_every_figure_has_a_script_and_a_valid_config():
+    assert set(FIGURES) >= set(results_table.FIGURES)
+    for name in FIGURES:
+        assert (common.HERE / f"{name}.py").is_file(), name
+        config = common.load_figure_config(name)
+        for env in expand_env_names(config.envs):
+            make_env(env, **config.env_overrides)
+        assert config.policy in available_policies(), (name, config.policy)
+        assert set(config.baselines) <= {*BASELINES, "diffcbed", "ss-finite"}, name
+
+
+def test_config_typos_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "CONFIGS", tmp_path)
+    (tmp_path / "fig.yaml").write_text("title: t\nenvs: [linear-d3]\nn_env: 5\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['n_env'\]"):
+        common.load_figure_config("fig")
+    with pytest.raises(ValueError, match="no experiment config 'nope'"):
+        common.load_figure_config("nope")
+
+
+def test_final_step_table():
+    summary = {m: {"mean": [0.0, 2.0], "stderr": [0.0, 0.5]} for m in ("return", "shd")}
+    table = common.final_step_table({"e": {"caasl": summary}}, metrics=("return", "shd"))
+    assert table.splitlines()[2] == "| e | caasl | 2.00 ± 0.50 | 2.00 ± 0.50 |"
+
+
+def test_readme_table_equals_the_committed_results():
+    by_figure = results_table.load_results()
+    assert {"fig3_linear", "fig4_linear_ood"} <= set(by_figure), "run the experiments first"
+    readme = results_table.README.read_text()
+    block = readme.split(results_table.BEGIN, 1)[1].split(results_table.END, 1)[0]
+    assert block.strip() == results_table.results_table(by_figure)
+
+
+def test_results_table_marks_the_best_design():
+    def summary(final):
+        return {"return": {"mean": [0.0, final], "stderr": [0.0, 0.1]}}
+
+    table = results_table.results_table(
+        {"fig3_linear": {"linear-d10": {"caasl": summary(2.0), "random": summary(3.0)}}}
+    )
+    assert table.splitlines()[-1] == "| fig3 | linear-d10 | 2.00 ± 0.10 | **3.00 ± 0.10** |"
