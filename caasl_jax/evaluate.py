@@ -396,6 +396,26 @@ def likelihood_baselines() -> dict[str, Callable]:
     return dict(LIKELIHOOD_BASELINES)
 
 
+def not_applicable(envs: dict[str, Environment], slow_designs) -> list[tuple[str, str, str]]:
+    """(env, design, reason) for likelihood baselines on envs without a usable likelihood.
+
+    As in the paper, DiffCBED and SS Finite are left out there (SERGIO,
+    heteroskedastic noise) instead of failing the whole suite.
+    """
+    if not slow_designs:
+        return []
+    from caasl_jax.baselines.runner import check_supported
+
+    skipped = []
+    for env_name, env in envs.items():
+        for name in slow_designs:
+            try:
+                check_supported(env, name)
+            except ValueError as error:
+                skipped.append((env_name, name, str(error)))
+    return skipped
+
+
 def evaluate_suite(
     env_names: Sequence[str],
     designs: Sequence[str],
@@ -449,11 +469,17 @@ def evaluate_suite(
         raise ValueError("a reward model is required when no trained policy is evaluated")
     reward_params, reward_config = load_reward_model(reward_name)
 
+    skipped = not_applicable(envs, [name for name in designs if name in slow])
+    for env_name, name, reason in skipped:
+        if log:
+            log(f"{env_name:28s} {name:14s} skipped: {reason}")
     results = {}
     for env_name, env in envs.items():
         params = heldout_params(env, n_envs, seed)
         for name in designs:
             label = "caasl" if name in trained else name
+            if any(s[:2] == (env_name, name) for s in skipped):
+                continue
             if name in slow:
                 histories = slow[name](
                     env, params, rollout_key(seed), n_workers=n_workers, progress=progress
@@ -480,6 +506,7 @@ def evaluate_suite(
         "n_envs": n_envs,
         "seed": seed,
         "reward_model": reward_name,
+        "skipped": [f"{name} on {env_name}: {reason}" for env_name, name, reason in skipped],
     }
     return results, meta
 

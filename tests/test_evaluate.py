@@ -171,3 +171,16 @@ def test_write_results_long_format(tmp_path):
         "e,random,return,0,0.0,0.0",
         "e,random,return,1,1.5,0.25",
     ]
+
+
+def test_likelihood_baselines_are_left_out_where_no_likelihood_exists():
+    envs = {name: make_env(name) for name in ("linear-d3", "linear-ood-hetero-d3", "sergio-d3")}
+    skipped = ev.not_applicable(envs, ["diffcbed", "ss-finite"])
+    assert [(env, name) for env, name, _ in skipped] == [
+        ("linear-ood-hetero-d3", "diffcbed"),
+        ("linear-ood-hetero-d3", "ss-finite"),
+        ("sergio-d3", "diffcbed"),
+        ("sergio-d3", "ss-finite"),
+    ]
+    assert "likelihood" in skipped[-1][2]
+    assert ev.not_applicable(envs, []) == []
