@@ -12,7 +12,9 @@ K = iterations_per_call iterations of
 as a `lax.scan` under `jax.jit(jax.shard_map(...))`, with the agent state and replay
 donated. Parameters are replicated, environments and replay are sharded. The same
 program runs on one CPU, every local GPU, or every device of every host after
-`jax.distributed.initialize()` (see README, "Multi-host").
+`jax.distributed.initialize()` (caasl_jax.distributed; docs/distributed.md): the mesh
+is then global, each process builds only the shards on its own devices, process 0
+writes the logs, and all processes write their shards of each orbax checkpoint.
 
 Randomness is a pure function of (seed, host-call index), so a run resumed from a
 checkpoint continues bit-identically.
@@ -37,6 +39,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from caasl_jax import distributed
 from caasl_jax import replay as replay_lib
 from caasl_jax.agents.networks import CriticConfig, PolicyConfig
 from caasl_jax.agents.redq import REDQ, REDQState
@@ -93,8 +96,31 @@ def load_reward_model(name_or_path: str):
 
 
 def make_mesh(devices=None) -> Mesh:
+    """1-D "data" mesh over `devices`, default every device of every process."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (AXIS,))
+
+
+def tile_shard(shard, sharding: NamedSharding) -> jax.Array:
+    """The global array whose every device holds `shard` along axis 0.
+
+    shard: [C, ...] -> global [n_devices * C, ...], sharded by `sharding` (P(AXIS)).
+    Each process materialises only the blocks of its own devices, so the global
+    array never exists on one host.
+    """
+    block = np.asarray(shard)
+    shape = (sharding.mesh.size * block.shape[0], *block.shape[1:])
+
+    def local_block(index):
+        start, stop, _ = index[0].indices(shape[0])
+        return np.concatenate([block] * ((stop - start) // block.shape[0]))
+
+    return jax.make_array_from_callback(shape, sharding, local_block)
+
+
+def put_replicated(tree, mesh: Mesh):
+    """The pytree replicated on every device of the mesh, equal to process 0's copy."""
+    return jax.device_put(distributed.broadcast_from_primary(tree), NamedSharding(mesh, P()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +194,13 @@ class Trainer:
             action_dim=self.env.action_dim,
             samples_per_step=self.env.samples_per_step,
         )
+        shardings = self.state_sharding(TrainState(agent=agent_state, replay=shard))
         replay = jax.tree.map(
-            lambda x: jnp.concatenate([x] * self.n_devices) if x.ndim else x, shard
+            lambda x, s: tile_shard(x, s) if x.ndim else jax.device_put(x, s),
+            shard,
+            shardings.replay,
         )
-        state = TrainState(agent=agent_state, replay=replay)
-        return jax.device_put(state, self.state_sharding(state))
+        return TrainState(agent=put_replicated(agent_state, self.mesh), replay=replay)
 
     def state_specs(self, state: TrainState):
         replay_specs = jax.tree.map(lambda x: P(AXIS) if x.ndim else P(), state.replay)
@@ -304,8 +332,7 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
     trainer.local(config.num_envs, "num_envs")
     trainer.local(config.batch_size, "batch_size")
     trainer.local(config.replay_episodes, "replay_episodes")
-    reward_params = jax.device_put(reward_params, NamedSharding(trainer.mesh, P()))
-    return trainer, reward_params
+    return trainer, put_replicated(reward_params, trainer.mesh)
 
 
 # ----------------------------------------------------------------------------------
@@ -369,15 +396,24 @@ class RunDir:
     tensorboard = property(lambda self: self.path / "tb")
     plot = property(lambda self: self.path / "curves.png")
 
+    def check_new(self, overwrite: bool) -> None:
+        """FileExistsError if the run dir exists, is not empty, and overwrite is off."""
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"run directory {self.path} already exists and is not empty; use "
+                f"`caasl train --resume {self.path}` to continue it, or --overwrite to "
+                f"replace it"
+            )
+
+    def check_resumable(self) -> None:
+        """FileNotFoundError unless the run dir has checkpoints to resume from."""
+        if not self.checkpoints.exists():
+            raise FileNotFoundError(f"cannot resume {self.path}: it has no checkpoints/")
+
     def prepare_new(self, config: TrainConfig, overwrite: bool) -> None:
         """Create the run dir; refuse to touch an existing non-empty one unless told to."""
-        if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise FileExistsError(
-                    f"run directory {self.path} already exists and is not empty; use "
-                    f"`caasl train --resume {self.path}` to continue it, or --overwrite to "
-                    f"replace it"
-                )
+        self.check_new(overwrite)
+        if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -453,32 +489,36 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    distributed.initialize()  # from CAASL_* variables; no-op if unset or already done
+    primary = distributed.is_primary()
     run = RunDir(run_dir)
     trainer, reward_params = make_trainer(config, devices, score_builder)  # fails fast
-    if resume:
-        if not run.checkpoints.exists():
-            raise FileNotFoundError(f"cannot resume {run.path}: it has no checkpoints/")
-    else:
-        run.prepare_new(config, overwrite)
+    _prepare_run_dir(run, config, resume=resume, overwrite=overwrite)
 
     state = trainer.init_state()
-    manager = _checkpoint_manager(run, config)
+    manager = _checkpoint_manager(run, config)  # every process: each saves its shards
     calls_done = 0
     if resume:
         state, calls_done = restore_state(manager, trainer, state)
-        _truncate_jsonl(run.metrics, calls_done - 1)
-        _truncate_jsonl(run.evals, calls_done - 1)
+        if primary:
+            _truncate_jsonl(run.metrics, calls_done - 1)
+            _truncate_jsonl(run.evals, calls_done - 1)
 
     chunk = trainer.compile_chunk(state)
-    evaluate = make_evaluator(trainer, reward_params)
-    writer = _tensorboard(run)
+    evaluate = make_evaluator(trainer, reward_params)  # every process (one SPMD program)
+    writer = _tensorboard(run) if primary else None
     transitions_per_call = config.num_envs * trainer.env.budget * config.iterations_per_call
     last_call = (
         config.host_calls if max_calls is None else min(config.host_calls, calls_done + max_calls)
     )
-    bar = tqdm(total=config.host_calls, initial=calls_done, disable=not progress, unit="call")
+    bar = tqdm(
+        total=config.host_calls, initial=calls_done, disable=not (progress and primary), unit="call"
+    )
     eval_row: dict = {}
-    with run.metrics.open("a") as metrics_file, run.evals.open("a") as eval_file:
+    with (
+        _log_file(run.metrics, primary) as metrics_file,
+        _log_file(run.evals, primary) as eval_file,
+    ):
         for call in range(calls_done, last_call):
             start = time.perf_counter()
             state, metrics = chunk(state, reward_params, trainer.chunk_key(call))
@@ -521,15 +561,52 @@ def train(
     manager.wait_until_finished()
     if writer is not None:
         writer.close()
-    from caasl_jax.plots import plot_training_curves
+    if primary:
+        from caasl_jax.plots import plot_training_curves
 
-    plot_training_curves(run.metrics, run.evals, run.plot)
+        plot_training_curves(run.metrics, run.evals, run.plot)
+    distributed.barrier("caasl-train-done")  # the plot exists when train() returns anywhere
     return {
         "run_dir": str(run.path),
         "calls_done": last_call,
         "last_eval": eval_row,
         "state": state,
     }
+
+
+def _prepare_run_dir(run: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """Check the run dir on every process, then create it on process 0 only.
+
+    A refusal on any process is raised on all of them (none is left waiting at a
+    collective); the run dir must be on a filesystem every process sees.
+    """
+    error: Exception | None = None
+    try:
+        run.check_resumable() if resume else run.check_new(overwrite)
+    except (FileExistsError, FileNotFoundError) as failure:
+        error = failure
+    if not distributed.agree(error is None):
+        raise error or FileExistsError(f"run directory {run.path}: refused on another process")
+    if not resume and distributed.is_primary():
+        run.prepare_new(config, overwrite)
+    distributed.barrier("caasl-run-dir-ready")
+
+
+class _NullFile:
+    """Stands in for a log file on processes that do not write logs."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _log_file(path: Path, primary: bool):
+    """`path` opened for appending on process 0; a no-op file elsewhere."""
+    import contextlib
+
+    return path.open("a") if primary else contextlib.nullcontext(_NullFile())
 
 
 def _save_args(state: TrainState):
@@ -560,7 +637,7 @@ def load_trained_policy(run_dir: str | Path):
     config = run.load_config()
     if not run.checkpoints.exists():
         raise FileNotFoundError(f"{run.path} has no checkpoints/ to load a policy from")
-    trainer, _ = make_trainer(config, devices=jax.devices()[:1])
+    trainer, _ = make_trainer(config, devices=jax.local_devices()[:1])
     template = trainer.init_state()
     state, _ = restore_state(_checkpoint_manager(run, config), trainer, template)
     return trainer.agent, state.agent.policy_params, config

@@ -1,0 +1,234 @@
+"""Multi-process training through jax.distributed, on two local CPU processes.
+
+The fused step's mesh spans the devices of every process; with 2 processes x 2 CPU
+devices the global program is the same as 1 process x 4 devices (device i rolls out
+with fold_in(key, i) in both), so the two runs must agree up to the order of the
+cross-device float sums.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caasl_jax import distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import tiny_reward_weights  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+# one process of a run: settings come from CAASL_* variables, read by train() itself.
+# "split": one host call, then a resume from the checkpoint to the end (in the same
+# process, so the compiled step is reused); "straight": uninterrupted. The score is the
+# test reward of test_train (no AVICI model) to keep compilation short on 2 cores.
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, sys.argv[1])
+    from test_train import intervened_values_score, tiny_config_dict
+    from caasl_jax import train as train_lib
+    from caasl_jax.config import TrainConfig, from_dict
+
+    reward, run_dir, out, mode = sys.argv[2:6]
+    config = from_dict(TrainConfig, tiny_config_dict(reward))
+    run = lambda **kw: train_lib.train(
+        config, run_dir, progress=False, score_builder=intervened_values_score, **kw
+    )
+    if mode == "split":
+        assert run(max_calls=1)["calls_done"] == 1
+        summary = run(resume=True)
+    else:
+        summary = run()
+    state = summary["state"]
+    assert jax.device_count() == 4, jax.devices()
+    # every local copy of the replicated agent is the same; keep the first
+    agent = []
+    for leaf in jax.tree.leaves(state.agent):
+        copies = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert all(np.array_equal(c, copies[0]) for c in copies[1:])
+        agent.append(copies[0])
+    # this process's block of the sharded replay, in global device order
+    shards = sorted(state.replay.values.addressable_shards, key=lambda s: s.index[0].start or 0)
+    np.savez(
+        out,
+        *agent,
+        replay=np.concatenate([np.asarray(s.data) for s in shards]),
+        replay_start=shards[0].index[0].start or 0,
+        process=jax.process_index(),
+        calls=summary["calls_done"],
+    )
+    print("WORKER OK", jax.process_index(), jax.process_count(), jax.local_device_count())
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, args, *, local_devices, coordinator=None, num_processes=1, process_id=0):
+    """Start one training process; CAASL_* variables carry the distributed settings."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("CAASL_") and key != "XLA_FLAGS"
+    }
+    env.update(JAX_PLATFORMS="cpu", CAASL_LOCAL_DEVICES=str(local_devices))
+    if coordinator is not None:
+        env.update(
+            CAASL_COORDINATOR=coordinator,
+            CAASL_NUM_PROCESSES=str(num_processes),
+            CAASL_PROCESS_ID=str(process_id),
+        )
+    return subprocess.Popen(
+        [sys.executable, str(script), str(Path(__file__).parent), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def finish(processes) -> None:
+    """Wait for every process; fail with their output unless all printed WORKER OK."""
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT_S))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0 and "WORKER OK" in out, out[-2000:] + err[-4000:]
+
+
+def agent_leaves(npz) -> list[np.ndarray]:
+    return [npz[f"arr_{i}"] for i in range(len([k for k in npz.files if k.startswith("arr_")]))]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+    reward = tiny_reward_weights(tmp_path / "reward.msgpack")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    out = {name: tmp_path / f"{name}.npz" for name in ("ref", "p0", "p1")}
+
+    # 2 processes x 2 devices: one call, then a resume from the multi-process
+    # checkpoint for the rest; alongside, 1 process x 4 devices uninterrupted
+    coordinator = f"127.0.0.1:{free_port()}"
+    processes = [
+        launch(
+            script,
+            [reward, tmp_path / "dist", out[f"p{p}"], "split"],
+            local_devices=2,
+            coordinator=coordinator,
+            num_processes=2,
+            process_id=p,
+        )
+        for p in range(2)
+    ]
+    processes.append(
+        launch(script, [reward, tmp_path / "ref", out["ref"], "straight"], local_devices=4)
+    )
+    finish(processes)
+
+    ref, p0, p1 = (np.load(out[name]) for name in ("ref", "p0", "p1"))
+    assert (int(p0["process"]), int(p1["process"])) == (0, 1)
+    assert int(p0["calls"]) == int(ref["calls"]) == 2
+    # replicated parameters: bit-identical on both processes
+    for x, y in zip(agent_leaves(p0), agent_leaves(p1), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # ... and equal to the single-process run up to float summation order
+    for x, y in zip(agent_leaves(p0), agent_leaves(ref), strict=True):
+        np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+    # each process fed and kept its own half of the replay: devices (0, 1) and (2, 3)
+    half = ref["replay"].shape[0] // 2
+    assert (int(p0["replay_start"]), int(p1["replay_start"])) == (0, half)
+    np.testing.assert_allclose(p0["replay"], ref["replay"][:half], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(p1["replay"], ref["replay"][half:], rtol=2e-4, atol=2e-5)
+    assert np.abs(p1["replay"]).sum() > 0  # episodes were stored
+
+    # only process 0 logged: one line per iteration, no duplicates, same numbers
+    dist_metrics, ref_metrics = (
+        jsonl(tmp_path / "dist/metrics.jsonl"),
+        jsonl(tmp_path / "ref/metrics.jsonl"),
+    )
+    assert [row["iteration"] for row in dist_metrics] == [1, 2, 3, 4]
+    for a, b in zip(dist_metrics, ref_metrics, strict=True):
+        np.testing.assert_allclose(a["return_mean"], b["return_mean"], rtol=1e-4)
+        assert a["updated"] == b["updated"] == 1.0
+        np.testing.assert_allclose(a["critic_loss"], b["critic_loss"], rtol=1e-3, atol=1e-5)
+    dist_eval, ref_eval = jsonl(tmp_path / "dist/eval.jsonl"), jsonl(tmp_path / "ref/eval.jsonl")
+    assert [row["call"] for row in dist_eval] == [0, 1]
+    for a, b in zip(dist_eval, ref_eval, strict=True):
+        np.testing.assert_allclose(a["eval_return"], b["eval_return"], rtol=1e-4, atol=1e-6)
+    for name in ("curves.png", "config.yaml", "checkpoints"):
+        assert (tmp_path / "dist" / name).exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, environ, expected",
+    [
+        ({}, {}, distributed.Settings()),
+        (
+            {},
+            {
+                "CAASL_COORDINATOR": "10.0.0.1:1234",
+                "CAASL_NUM_PROCESSES": "4",
+                "CAASL_PROCESS_ID": "3",
+                "CAASL_LOCAL_DEVICES": "2",
+            },
+            distributed.Settings("10.0.0.1:1234", 4, 3, 2),
+        ),
+        # explicit arguments win over the environment
+        (
+            {"coordinator": "h:1", "num_processes": 2, "process_id": 0},
+            {"CAASL_COORDINATOR": "other:2", "CAASL_NUM_PROCESSES": "8", "CAASL_PROCESS_ID": "5"},
+            distributed.Settings("h:1", 2, 0),
+        ),
+        ({}, {"CAASL_DISTRIBUTED": "auto"}, distributed.Settings(auto=True)),
+        ({"local_device_count": 4}, {}, distributed.Settings(local_device_count=4)),
+        ({"auto": True}, {}, distributed.Settings(auto=True)),
+    ],
+)
+def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
+    settings = distributed.resolve_settings(**kwargs, environ=environ)
+    assert settings == expected
+    assert settings.multi_process == (expected.coordinator is not None or expected.auto)
+
+
+@pytest.mark.parametrize(
+    "kwargs, environ, message",
+    [
+        ({"coordinator": "h:1"}, {}, "needs all of coordinator, num_processes and process_id"),
+        ({}, {"CAASL_PROCESS_ID": "0"}, "needs all of"),
+        ({"coordinator": "h", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+        ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id <"),
+        ({}, {"CAASL_NUM_PROCESSES": "two"}, "CAASL_NUM_PROCESSES must be an integer"),
+        ({"local_device_count": 0}, {}, "local device count must be >= 1"),
+        ({}, {"CAASL_DISTRIBUTED": "yes"}, "CAASL_DISTRIBUTED must be 'auto'"),
+    ],
+)
+def test_bad_settings_fail_clearly(kwargs, environ, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.resolve_settings(**kwargs, environ=environ)
