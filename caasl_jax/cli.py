@@ -15,9 +15,18 @@ import sys
 
 
 def _train(args) -> int:
+    from caasl_jax import distributed
     from caasl_jax.config import load_config
     from caasl_jax.train import RunDir, train
 
+    # before anything touches a device; flags win over the CAASL_* variables
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        args.local_devices,
+        auto=args.distributed_auto,
+    )
     if args.resume:
         if args.config or args.set:
             raise SystemExit(
@@ -121,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--devices", type=int, help="use only the first N devices")
     train.add_argument(
         "--max-calls", type=int, help="stop after this many host calls (for a quick look)"
+    )
+    multi = train.add_argument_group(
+        "multi-process (jax.distributed; see docs/distributed.md)",
+        "or set CAASL_COORDINATOR / CAASL_NUM_PROCESSES / CAASL_PROCESS_ID / "
+        "CAASL_LOCAL_DEVICES / CAASL_DISTRIBUTED=auto",
+    )
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's coordinator")
+    multi.add_argument("--num-processes", type=int, help="total number of processes")
+    multi.add_argument("--process-id", type=int, help="this process, 0 .. N-1")
+    multi.add_argument(
+        "--local-devices", type=int, help="CPU only: number of CPU devices of this process"
+    )
+    multi.add_argument(
+        "--distributed-auto",
+        action="store_true",
+        help="let jax.distributed.initialize() detect the cluster (SLURM, MPI, TPU pods)",
     )
     train.set_defaults(func=_train)
 
