@@ -95,7 +95,10 @@ def plot_stepwise(
     panels = [(env, metric) for env in results for metric in metrics]
     cols = min(len(panels), 5)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    # at least 7 inches wide so that the title and a one-row legend fit
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(3.4 * cols, 7.0), 3.0 * rows + 0.4), squeeze=False
+    )
     for ax, (env, metric) in zip(axes.ravel(), panels):
         for design, summary in results[env].items():
             label, color = DESIGN_STYLE.get(design, (design, None))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -75,13 +76,25 @@ def parse_args(name: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", help=f"output folder (default experiments/results/{name})")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the plot and table from results.json"
+    )
     return parser.parse_args(argv)
+
+
+def write_figure(name: str, out: Path, results: dict, config: FigureConfig) -> str:
+    """The PNG and table.md of a figure's results; returns the table."""
+    from caasl_jax.plots import plot_stepwise
+
+    plot_stepwise(results, out / f"{name}.png", config.metrics, config.panel_titles, config.title)
+    table = final_step_table(results)
+    (out / "table.md").write_text(table + "\n")
+    return table
 
 
 def run_figure(name: str, argv=None) -> dict:
     """Run one figure's experiment; returns the results dict it wrote."""
     from caasl_jax.evaluate import check_output_dir, evaluate_suite, write_results
-    from caasl_jax.plots import plot_stepwise
 
     args = parse_args(name, argv)
     config = load_figure_config(name)
@@ -93,6 +106,10 @@ def run_figure(name: str, argv=None) -> dict:
     }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.out) if args.out else RESULTS / name
+    if args.replot:
+        results = json.loads((out / "results.json").read_text())["results"]
+        print(write_figure(name, out, results, config))
+        return results
     check_output_dir(out, args.overwrite)
     designs = ([config.policy] if config.policy else []) + list(config.baselines)
     start = time.perf_counter()
@@ -108,10 +125,7 @@ def run_figure(name: str, argv=None) -> dict:
     )
     meta.update(figure=name, title=config.title, wall_time_s=round(time.perf_counter() - start, 1))
     write_results(out, results, meta)
-    plot_stepwise(results, out / f"{name}.png", config.metrics, config.panel_titles, config.title)
-    table = final_step_table(results)
-    (out / "table.md").write_text(table + "\n")
-    print(table)
+    print(write_figure(name, out, results, config))
     print(f"wrote {out}/ (results.json, results.csv, {name}.png, table.md) in "
           f"{meta['wall_time_s']:.0f} s")  # fmt: skip
     return results
