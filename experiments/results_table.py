@@ -16,7 +16,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
-FIGURES = ("fig3_linear", "fig4_linear_ood", "fig5_linear_dims", "fig6_sergio", "fig8_sergio_dims")
+FIGURES = (
+    "fig3_linear",
+    "fig3_linear_likelihood",
+    "fig4_linear_ood",
+    "fig5_linear_dims",
+    "fig6_sergio",
+    "fig8_sergio_dims",
+)
 DESIGNS = ("caasl", "random", "random-single", "observational", "diffcbed", "ss-finite")
 HEADERS = {
     "caasl": "CAASL",
@@ -37,6 +44,12 @@ def load_results(results_dir: Path = HERE / "results") -> dict[str, dict]:
         if path.is_file():
             found[figure] = json.loads(path.read_text())["results"]
     return found
+
+
+def figure_label(figure: str) -> str:
+    """'fig3_linear' -> 'fig3'; the 10-environment likelihood rerun is marked as such."""
+    label = figure.split("_")[0]
+    return f"{label} (10 envs)" if figure.endswith("_likelihood") else label
 
 
 def results_table(by_figure: dict[str, dict]) -> str:
@@ -62,7 +75,7 @@ def results_table(by_figure: dict[str, dict]) -> str:
                 mean, se = finals[design]
                 cell = f"{mean:.2f} ± {se:.2f}"
                 cells.append(f"**{cell}**" if design == best else cell)
-            lines.append(f"| {figure.split('_')[0]} | {env} | " + " | ".join(cells) + " |")
+            lines.append(f"| {figure_label(figure)} | {env} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

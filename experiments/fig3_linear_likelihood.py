@@ -1,0 +1,14 @@
+"""Figure 3 with DiffCBED and SS Finite added (10 environments: they are slow).
+
+    python experiments/fig3_linear_likelihood.py [--n-envs 100] [--overwrite]
+
+Settings: experiments/configs/fig3_linear_likelihood.yaml; output:
+experiments/results/fig3_linear_likelihood/.
+"""
+
+import sys
+
+from common import run_figure
+
+if __name__ == "__main__":  # the GIES refits run in spawned worker processes
+    run_figure("fig3_linear_likelihood", sys.argv[1:])
