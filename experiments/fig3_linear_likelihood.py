@@ -1,4 +1,4 @@
-"""Figure 3 with DiffCBED and SS Finite added (10 environments: they are slow).
+"""Figure 3 with DiffCBED and SS Finite added (5 environments: they are slow).
 
     python experiments/fig3_linear_likelihood.py [--n-envs 100] [--overwrite]
 

@@ -49,7 +49,7 @@ def load_results(results_dir: Path = HERE / "results") -> dict[str, dict]:
 def figure_label(figure: str) -> str:
     """'fig3_linear' -> 'fig3'; the 10-environment likelihood rerun is marked as such."""
     label = figure.split("_")[0]
-    return f"{label} (10 envs)" if figure.endswith("_likelihood") else label
+    return f"{label} (5 envs)" if figure.endswith("_likelihood") else label
 
 
 def results_table(by_figure: dict[str, dict]) -> str:
