@@ -327,18 +327,12 @@ def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False
 
 def _read_policy_file(path: Path):
     """(agent, policy_params, config) from a file written by `export_policy`."""
-    from flax import serialization
-
     from caasl_jax.config import TrainConfig, from_dict
     from caasl_jax.envs.registry import make_env
+    from caasl_jax.reward.checkpoint import read_tagged_msgpack
     from caasl_jax.train import build_agent
 
-    try:
-        tree = serialization.msgpack_restore(path.read_bytes())
-    except Exception as err:  # msgpack raises several unrelated types
-        raise ValueError(f"{path}: not a caasl-jax policy file (msgpack: {err})") from None
-    if not isinstance(tree, dict) or tree.get("format") != POLICY_FORMAT:
-        raise ValueError(f"{path}: not a caasl-jax policy file (no {POLICY_FORMAT!r} tag)")
+    tree = read_tagged_msgpack(path, POLICY_FORMAT, "policy")
     config = from_dict(TrainConfig, json.loads(tree["config"]), f"{path} config")
     env = make_env(config.env, **config.env_overrides)
     agent = build_agent(config, env)

@@ -24,52 +24,38 @@ from caasl_jax.baselines.runner import check_supported, run_design_loop
 from caasl_jax.envs.core import Environment, History
 
 
-def run_diffcbed(
-    env: Environment,
-    env_params: Any,
-    key: jax.Array,
-    *,
-    n_workers: int | None = os.cpu_count(),
-    progress: bool = True,
-    n_particles: int = 30,
-    config: diffcbed.DiffCBEDConfig | None = None,
-) -> History:
-    """DiffCBED designs for every env of the batch; final histories [B]."""
-    config = config or diffcbed.DiffCBEDConfig()
-    return run_design_loop(
-        env,
-        env_params,
-        key,
-        lambda e, particles, k: diffcbed.design(e, particles, k, config),
-        name="diffcbed",
-        n_workers=n_workers,
-        progress=progress,
-        n_particles=n_particles,
-    )
+def _design_runner(name: str, design: Callable, default_config: Callable):
+    """`run(env, env_params, key, *, n_workers, progress, n_particles, config)` for one
+    method: its designs for every env of the batch, returning final histories [B]."""
+
+    def run(
+        env: Environment,
+        env_params: Any,
+        key: jax.Array,
+        *,
+        n_workers: int | None = os.cpu_count(),
+        progress: bool = True,
+        n_particles: int = 30,
+        config=None,
+    ) -> History:
+        config = config or default_config()
+        return run_design_loop(
+            env,
+            env_params,
+            key,
+            lambda e, particles, k: design(e, particles, k, config),
+            name=name,
+            n_workers=n_workers,
+            progress=progress,
+            n_particles=n_particles,
+        )
+
+    run.__doc__ = f"{name} designs for every env of the batch; final histories [B]."
+    return run
 
 
-def run_ss_finite(
-    env: Environment,
-    env_params: Any,
-    key: jax.Array,
-    *,
-    n_workers: int | None = os.cpu_count(),
-    progress: bool = True,
-    n_particles: int = 30,
-    config: ss_finite.SSFiniteConfig | None = None,
-) -> History:
-    """SS Finite designs for every env of the batch; final histories [B]."""
-    config = config or ss_finite.SSFiniteConfig()
-    return run_design_loop(
-        env,
-        env_params,
-        key,
-        lambda e, particles, k: ss_finite.design(e, particles, k, config),
-        name="ss-finite",
-        n_workers=n_workers,
-        progress=progress,
-        n_particles=n_particles,
-    )
+run_diffcbed = _design_runner("diffcbed", diffcbed.design, diffcbed.DiffCBEDConfig)
+run_ss_finite = _design_runner("ss-finite", ss_finite.design, ss_finite.SSFiniteConfig)
 
 
 LIKELIHOOD_BASELINES: dict[str, Callable[..., History]] = {

@@ -56,17 +56,26 @@ def save_weights(path: str | Path, params: Params, config: AviciConfig, meta: di
     return path
 
 
+def read_tagged_msgpack(path: Path, fmt: str, what: str) -> dict:
+    """The dict stored in a caasl-jax msgpack file whose "format" tag is `fmt`.
+
+    ValueError "<path>: not a caasl-jax <what> file (...)" for anything else.
+    """
+    try:
+        tree = serialization.msgpack_restore(Path(path).read_bytes())
+    except Exception as err:  # msgpack raises several unrelated types
+        raise ValueError(f"{path}: not a caasl-jax {what} file (msgpack: {err})") from None
+    if not isinstance(tree, dict) or tree.get("format") != fmt:
+        raise ValueError(f"{path}: not a caasl-jax {what} file (missing format tag {fmt!r})")
+    return tree
+
+
 def load_weights(path: str | Path) -> Pretrained:
     """Read a file written by `save_weights`; ValueError naming the problem otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such weights file")
-    try:
-        tree = serialization.msgpack_restore(path.read_bytes())
-    except Exception as err:  # msgpack raises several unrelated types
-        raise ValueError(f"{path}: not a caasl-jax weights file (msgpack: {err})") from None
-    if not isinstance(tree, dict) or tree.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a caasl-jax weights file (missing format tag {FORMAT!r})")
+    tree = read_tagged_msgpack(path, FORMAT, "weights")
     config = AviciConfig.from_dict(json.loads(tree["config"]))
     params = tree["params"]
     check_params(params, config)
@@ -121,7 +130,13 @@ class _Record(tuple):
 
 
 _MODEL_STATE_FIELDS = (
-    "step", "rng", "opt_state", "params", "dual", "dual_penalty_polyak", "ave_params"
+    "step",
+    "rng",
+    "opt_state",
+    "params",
+    "dual",
+    "dual_penalty_polyak",
+    "ave_params",
 )
 _STUB_CACHE: dict[tuple[str, str], type] = {}
 
@@ -146,8 +161,23 @@ def _reconstruct_jax_array(fun, args, arr_state, aval_state=None):
 
 
 _STUB_MODULES = ("avici", "amortibs", "optax", "chex")
-_SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
-                  "bool", "str", "bytes", "bytearray", "slice", "range", "object"}
+_SAFE_BUILTINS = {
+    "dict",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+    "int",
+    "float",
+    "complex",
+    "bool",
+    "str",
+    "bytes",
+    "bytearray",
+    "slice",
+    "range",
+    "object",
+}
 
 
 class _CheckpointUnpickler(pickle.Unpickler):
@@ -176,8 +206,15 @@ def read_avici_pickle(path: str | Path) -> Any:
     try:
         with open(path, "rb") as f:
             return _CheckpointUnpickler(io.BufferedReader(f)).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-            TypeError, ValueError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        TypeError,
+        ValueError,
+    ) as err:
         raise ValueError(
             f"{path}: not an AVICI checkpoint pickle ({type(err).__name__}: {err})"
         ) from None
@@ -198,9 +235,15 @@ def _state_params(state: Any, path: Path) -> dict:
 
 
 _KWARG_NAMES = {
-    "dim": "dim", "layers": "layers", "num_heads": "heads", "key_size": "key_size",
-    "widening_factor": "widening", "dropout": "dropout", "out_dim": "out_dim",
-    "cosine_temp_init": "temp_init", "logit_bias_init": "bias_init",
+    "dim": "dim",
+    "layers": "layers",
+    "num_heads": "heads",
+    "key_size": "key_size",
+    "widening_factor": "widening",
+    "dropout": "dropout",
+    "out_dim": "out_dim",
+    "cosine_temp_init": "temp_init",
+    "logit_bias_init": "bias_init",
 }
 
 
@@ -209,8 +252,17 @@ def config_from_kwargs(kwargs: dict, standardization: str = "zscore") -> AviciCo
     net = kwargs.get("neural_net_kwargs", kwargs)
     net = net.get("model_kwargs", net)
     inf = kwargs.get("inference_model_kwargs", {})
-    values = {"dim": 128, "layers": 8, "heads": 8, "key_size": 32, "widening": 4,
-              "dropout": 0.1, "out_dim": None, "temp_init": 0.0, "bias_init": -3.0}
+    values = {
+        "dim": 128,
+        "layers": 8,
+        "heads": 8,
+        "key_size": 32,
+        "widening": 4,
+        "dropout": 0.1,
+        "out_dim": None,
+        "temp_init": 0.0,
+        "bias_init": -3.0,
+    }
     for src, dst in _KWARG_NAMES.items():
         if src in net:
             values[dst] = net[src]
@@ -244,17 +296,25 @@ def haiku_to_flax(hk_params: dict, config: AviciConfig) -> Params:
 
     def ln(index):
         p = get(_hk_name("layer_norm", index))
-        return {"scale": np.asarray(p["scale"], np.float32),
-                "bias": np.asarray(p["offset"], np.float32)}
+        return {
+            "scale": np.asarray(p["scale"], np.float32),
+            "bias": np.asarray(p["offset"], np.float32),
+        }
 
     blocks = 2 * config.layers
     out: dict[str, Any] = {"embed": dense("linear")}
     for i in range(blocks):
         mha = _hk_name("multi_head_attention", i)
         out[f"block_{i}"] = {
-            "ln_q": ln(4 * i), "ln_k": ln(4 * i + 1), "ln_v": ln(4 * i + 2),
-            "attn": {"query": dense(f"{mha}/query"), "key": dense(f"{mha}/key"),
-                     "value": dense(f"{mha}/value"), "out": dense(f"{mha}/linear")},
+            "ln_q": ln(4 * i),
+            "ln_k": ln(4 * i + 1),
+            "ln_v": ln(4 * i + 2),
+            "attn": {
+                "query": dense(f"{mha}/query"),
+                "key": dense(f"{mha}/key"),
+                "value": dense(f"{mha}/value"),
+                "out": dense(f"{mha}/linear"),
+            },
             "ln_ffn": ln(4 * i + 3),
             "ffn_in": dense(_hk_name("linear", 2 * i + 1)),
             "ffn_out": dense(_hk_name("linear", 2 * i + 2)),
@@ -300,8 +360,10 @@ def load_avici_checkpoint(folder: str | Path, standardization: str = "zscore") -
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: an AVICI checkpoint is a folder with kwargs.json and "
-                         "checkpoint_*.pkl; this is not a folder")
+        raise ValueError(
+            f"{folder}: an AVICI checkpoint is a folder with kwargs.json and "
+            "checkpoint_*.pkl; this is not a folder"
+        )
     kwargs_path = folder / "kwargs.json"
     if not kwargs_path.is_file():
         raise ValueError(f"{folder}: not an AVICI checkpoint folder (no kwargs.json)")
