@@ -38,10 +38,16 @@ def agent_policy(agent, policy_params, mode: str = "stochastic") -> Policy:
     if mode not in POLICY_MODES:
         raise ValueError(f"unknown policy mode {mode!r}; choose one of {POLICY_MODES}")
     if mode == "stochastic":
-        return lambda key, history: agent.act(policy_params, key, history, deterministic=True)[0]
+        act = agent.acting_fn(deterministic=True)
+        return lambda key, history: act(policy_params, key, history.data, history.mask)[0]
     from caasl_jax.agents.networks import mode_action
+    from caasl_jax.microbatch import vmap_in_chunks
 
-    return lambda key, history: mode_action(agent.policy, policy_params, history.data, history.mask)
+    act = vmap_in_chunks(
+        lambda params, data, mask: mode_action(agent.policy, params, data, mask),
+        agent.config.microbatch,
+    )
+    return lambda key, history: act(policy_params, history.data, history.mask)
 
 
 def random_policy(env: Environment) -> Policy:

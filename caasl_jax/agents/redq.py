@@ -47,6 +47,7 @@ from caasl_jax.agents.networks import (
     policy_distribution,
     to_env_action,
 )
+from caasl_jax import microbatch as microbatch_lib
 from caasl_jax.envs.core import History
 
 # ----------------------------------------------------------------------------------
@@ -81,7 +82,9 @@ class REDQConfig:
     gamma: discount; tau: polyak rate of the target critics; policy_lr / critic_lr /
     alpha_lr: Adam learning rates; init_log_alpha: initial log temperature;
     target_entropy: None -> -(action dims), else this number; max_grad_norm: global
-    gradient-norm clip for every optimiser (None: no clipping).
+    gradient-norm clip for every optimiser (None: no clipping); microbatch: examples
+    evaluated at a time in acting, targets and gradients (None: 4 on CPU, the whole
+    batch on accelerators; 0: whole batch; see `caasl_jax.microbatch`).
     """
 
     num_critics: int = 2
@@ -95,6 +98,7 @@ class REDQConfig:
     init_log_alpha: float = 0.0
     target_entropy: float | None = None
     max_grad_norm: float | None = None
+    microbatch: int | None = None
 
     def __post_init__(self):
         for name in ("num_critics", "num_target_critics", "utd"):
@@ -113,6 +117,8 @@ class REDQConfig:
         for name in ("policy_lr", "critic_lr", "alpha_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"REDQConfig: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.microbatch is not None:
+            microbatch_lib.resolve(self.microbatch)  # validates
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(
                 f"REDQConfig: max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}"
@@ -322,10 +328,22 @@ class REDQ:
         flat_data = obs.data.reshape(-1, *obs.data.shape[-3:])
         flat_mask = obs.mask.reshape(-1, obs.data.shape[-3])
         keys = jax.random.split(key, flat_data.shape[0])
-        action, log_prob = jax.vmap(self._sample, in_axes=(None, 0, 0, 0, None))(
-            policy_params, keys, flat_data, flat_mask, deterministic
+        action, log_prob = microbatch_lib.map_examples(
+            lambda x: self._sample(policy_params, *x, deterministic),
+            (keys, flat_data, flat_mask),
+            self.config.microbatch,
         )
         return action.reshape(*batch_shape, -1), log_prob.reshape(batch_shape)
+
+    def acting_fn(self, deterministic: bool | None = None):
+        """(policy_params, key, data f32[N, d, 2], mask bool[N]) -> (action, log_prob) for
+        ONE history, whose `jax.vmap` over environments runs in micro-batches."""
+        if deterministic is None:
+            deterministic = not self.policy_config.act_with_dropout
+        return microbatch_lib.vmap_in_chunks(
+            lambda params, key, data, mask: self._sample(params, key, data, mask, deterministic),
+            self.config.microbatch,
+        )
 
     # --- update -------------------------------------------------------------------------
     def td_target(
@@ -343,16 +361,19 @@ class REDQ:
         cfg = self.config
         subset_key, next_key = jax.random.split(key)
         next_keys = example_keys(next_key, batch.reward.shape[0], axis_name)
-        next_action, next_log_prob = jax.vmap(self._sample, in_axes=(None, 0, 0, 0, None))(
-            state.policy_params,
-            next_keys,
-            batch.next_obs.data,
-            batch.next_obs.mask,
-            not self.policy_config.act_with_dropout,
+        acting_deterministic = not self.policy_config.act_with_dropout
+
+        def one(example):
+            k, data, mask = example
+            action, log_prob = self._sample(
+                state.policy_params, k, data, mask, acting_deterministic
+            )
+            return self.critic.apply(state.target_critic_params, data, mask, action), log_prob
+
+        next_q, next_log_prob = microbatch_lib.map_examples(
+            one, (next_keys, batch.next_obs.data, batch.next_obs.mask), cfg.microbatch
         )
-        next_q = self.critic.apply(
-            state.target_critic_params, batch.next_obs.data, batch.next_obs.mask, next_action
-        )
+        next_q = next_q.T  # [N, B]
         subset = sample_subset(subset_key, cfg.num_critics, cfg.num_target_critics)
         alpha = jnp.exp(state.log_alpha)
         return jax.lax.stop_gradient(
@@ -369,18 +390,17 @@ class REDQ:
         use_dropout = self.critic_config.encoder.dropout > 0
         dropout_keys = example_keys(dropout_key, batch_size, axis_name)
 
-        def q_one(params, k, data, mask, action):
-            return self.critic.apply(
+        def example_loss(params, example):
+            k, data, mask, action, y = example
+            q = self.critic.apply(
                 params, data, mask, action, deterministic=not use_dropout, rngs={"dropout": k}
-            )
+            )  # [N]
+            return critic_loss(q[:, None], y[None]), q
 
-        def loss_fn(params):
-            q = jax.vmap(q_one, in_axes=(None, 0, 0, 0, 0), out_axes=1)(
-                params, dropout_keys, batch.obs.data, batch.obs.mask, batch.action
-            )
-            return critic_loss(q, target), q
-
-        (loss, q), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic_params)
+        examples = (dropout_keys, batch.obs.data, batch.obs.mask, batch.action, target)
+        (loss, q), grads = microbatch_lib.mean_value_and_grad(
+            example_loss, state.critic_params, examples, cfg.microbatch
+        )
         grads = _pmean(grads, axis_name)
         updates, opt_state = self.critic_optimizer.update(
             grads, state.critic_opt_state, state.critic_params
@@ -406,15 +426,19 @@ class REDQ:
         alpha = jnp.exp(state.log_alpha)
         keys = example_keys(key, batch_size, axis_name)
 
-        def loss_fn(params):
+        def example_loss(params, example):
+            k, data, mask = example
             # policy dropout (if configured) is on while training the policy
-            action, log_prob = jax.vmap(self._sample, in_axes=(None, 0, 0, 0, None))(
-                params, keys, batch.obs.data, batch.obs.mask, False
-            )
-            q = self.critic.apply(state.critic_params, batch.obs.data, batch.obs.mask, action)
-            return actor_loss(q, log_prob, alpha), log_prob
+            action, log_prob = self._sample(params, k, data, mask, False)
+            q = self.critic.apply(state.critic_params, data, mask, action)  # [N]
+            return actor_loss(q[:, None], log_prob[None], alpha), log_prob
 
-        (loss, log_prob), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.policy_params)
+        (loss, log_prob), grads = microbatch_lib.mean_value_and_grad(
+            example_loss,
+            state.policy_params,
+            (keys, batch.obs.data, batch.obs.mask),
+            self.config.microbatch,
+        )
         grads = _pmean(grads, axis_name)
         updates, policy_opt_state = self.policy_optimizer.update(
             grads, state.policy_opt_state, state.policy_params

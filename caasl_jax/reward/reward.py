@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from caasl_jax.metrics import expected_correct_entries
+from caasl_jax.microbatch import vmap_in_chunks
 from caasl_jax.reward.model import AviciConfig, Params, edge_probs
 
 __all__ = ["expected_correct_entries", "make_score_fn", "reward_from_probs", "step_reward"]
@@ -46,18 +47,24 @@ def step_reward(probs_before: jax.Array, probs_after: jax.Array, graph: jax.Arra
     return reward_from_probs(probs_after, graph) - reward_from_probs(probs_before, graph)
 
 
-def make_score_fn(params: Params, config: AviciConfig) -> Callable:
+def make_score_fn(params: Params, config: AviciConfig, microbatch: int | None = None) -> Callable:
     """score_fn(history, graph) -> f32[] = R(history) under the AVICI model (params, config).
 
     `history` is a caasl_jax.envs.core.History (data f32[N, d, 2], length i32[]);
-    its padding rows are masked. Jittable and vmappable; params are closed over.
+    its padding rows are masked. Jittable and vmappable (a vmap over environments runs
+    in chunks of `microbatch` histories, see caasl_jax.microbatch); forward only.
     """
+
+    def score(p, data, mask, graph):
+        return expected_correct_entries(edge_probs(p, data, mask, config), graph)
+
+    chunked_score = vmap_in_chunks(score, microbatch)
 
     def score_fn(history, graph: jax.Array) -> jax.Array:
         chex.assert_rank(history.data, 3)
         d = history.data.shape[-2]
         chex.assert_shape(graph, (d, d))
-        probs = edge_probs(params, history.data, history.mask, config)
-        return expected_correct_entries(probs, jnp.asarray(graph, jnp.float32))
+        graph = jnp.asarray(graph, jnp.float32)
+        return chunked_score(params, history.data, history.mask, graph)
 
     return score_fn

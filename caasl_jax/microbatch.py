@@ -1,0 +1,137 @@
+"""Evaluate per-example networks in micro-batches (why: CPU memory bandwidth).
+
+The encoders' attention over the N samples makes a logits tensor of B x d x heads x N x
+N floats (295 MB at B = 256, N = 60, d = 10, 8 heads). Evaluated over a whole batch at
+once, every elementwise pass (mask, max, exp, sum, divide, and their gradients) streams
+it through main memory, and on a CPU that, not arithmetic, sets the speed and the
+peak memory. Evaluating a few examples at a time keeps the working set in cache:
+measured on the 2-core VM, sampling actions for 1,000 paper-size histories took 27 s
+at once and 4.6 s in chunks of 4 (`benchmarks/RESULTS.md`).
+
+On accelerators the whole batch at once is fastest, so the default (`None`) resolves
+to 4 examples per chunk on CPU and no chunking elsewhere. Chunking changes only the
+order of floating-point sums, not the result (tested against the unchunked path).
+
+Three forms, for the three ways the project batches networks:
+- `map_examples(fn, xs, mb)`: forward pass over an explicit batch (no gradient);
+- `vmap_in_chunks(fn, mb)`: the same when the batch comes from an outer `jax.vmap`
+  (the environments vmap a per-history policy and reward over B envs);
+- `mean_value_and_grad(loss, params, xs, mb)`: gradient of a mean of per-example
+  losses, accumulated chunk by chunk (no B-sized activations are ever stored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+#: examples per chunk on CPU when the config leaves it to us (measured best of 2-40)
+CPU_MICROBATCH = 4
+
+
+def resolve(microbatch: int | None) -> int:
+    """Examples per chunk: the configured value, else CPU_MICROBATCH on CPU and 0 (whole
+    batch) on accelerators. 0 means no chunking."""
+    if microbatch is not None:
+        if not isinstance(microbatch, int) or isinstance(microbatch, bool) or microbatch < 0:
+            raise ValueError(f"microbatch must be an integer >= 0 or None, got {microbatch!r}")
+        return microbatch
+    return CPU_MICROBATCH if jax.default_backend() == "cpu" else 0
+
+
+def _batch_size(xs) -> int:
+    return jax.tree.leaves(xs)[0].shape[0]
+
+
+def map_examples(fn: Callable, xs, microbatch: int | None = None):
+    """vmap(fn)(xs) over the leading axis of every leaf of xs, `microbatch` at a time."""
+    mb = resolve(microbatch)
+    if mb == 0 or mb >= _batch_size(xs):
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=mb)
+
+
+def vmap_in_chunks(fn: Callable, microbatch: int | None = None) -> Callable:
+    """fn(*args) whose `jax.vmap` runs in chunks of `microbatch` (forward only).
+
+    The batching rule moves every batched argument's vmapped axis to the front and
+    maps fn over it in chunks; unbatched arguments (parameters) are shared. Not
+    differentiable: use it for acting and scoring, not inside a loss.
+    """
+    mb = resolve(microbatch)
+    if mb == 0:
+        return fn
+
+    @jax.custom_batching.custom_vmap
+    def chunked(*args):
+        return fn(*args)
+
+    @chunked.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        batched = [a for a, b in zip(args, in_batched) if _any_batched(b)]
+        flags = [b for b in in_batched if _any_batched(b)]
+
+        def one(example):
+            it = iter(example)
+            full = [next(it) if _any_batched(b) else a for a, b in zip(args, in_batched)]
+            return fn(*full)
+
+        for b in flags:
+            if not all(jax.tree.leaves(b)):
+                raise NotImplementedError("vmap_in_chunks: partly batched pytree argument")
+        out = map_examples(one, tuple(batched), mb)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return chunked
+
+
+def _any_batched(flags) -> bool:
+    return any(jax.tree.leaves(flags))
+
+
+def mean_value_and_grad(
+    per_example_loss: Callable, params, xs, microbatch: int | None = None
+) -> tuple[tuple[jax.Array, Any], Any]:
+    """((mean loss, per-example aux), grads of the mean loss), chunk by chunk.
+
+    per_example_loss(params, x) -> (loss f32[], aux) for one example x (a slice of xs
+    along its leading axis [B]). Gradients are summed over chunks in a lax.scan, so
+    memory holds one chunk's activations, never the batch's.
+    """
+    batch = _batch_size(xs)
+    mb = resolve(microbatch)
+
+    def batch_loss(p, chunk, weight):
+        losses, aux = jax.vmap(per_example_loss, in_axes=(None, 0))(p, chunk)
+        return jnp.sum(weight * losses), aux
+
+    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+    if mb == 0 or mb >= batch:
+        (total, aux), grads = grad_fn(params, xs, jnp.ones((batch,)))
+        return (total / batch, aux), jax.tree.map(lambda g: g / batch, grads)
+
+    n_chunks = -(-batch // mb)
+    pad = n_chunks * mb - batch
+    weight = jnp.concatenate([jnp.ones((batch,)), jnp.zeros((pad,))])
+
+    def to_chunks(x):
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+        return x.reshape(n_chunks, mb, *x.shape[1:])
+
+    chunks = jax.tree.map(to_chunks, xs)
+
+    def body(carry, inputs):
+        total, grads = carry
+        chunk, w = inputs
+        (loss, aux), g = grad_fn(params, chunk, w)
+        return (total + loss, jax.tree.map(jnp.add, grads, g)), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (total, grads), aux = jax.lax.scan(
+        body, (jnp.zeros(()), zeros), (chunks, weight.reshape(n_chunks, mb))
+    )
+    aux = jax.tree.map(lambda a: a.reshape(n_chunks * mb, *a.shape[2:])[:batch], aux)
+    return (total / batch, aux), jax.tree.map(lambda g: g / batch, grads)
