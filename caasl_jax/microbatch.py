@@ -123,15 +123,22 @@ def mean_value_and_grad(
 
     chunks = jax.tree.map(to_chunks, xs)
 
+    weights = weight.reshape(n_chunks, mb)
+
     def body(carry, inputs):
         total, grads = carry
         chunk, w = inputs
         (loss, aux), g = grad_fn(params, chunk, w)
         return (total + loss, jax.tree.map(jnp.add, grads, g)), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (total, grads), aux = jax.lax.scan(
-        body, (jnp.zeros(()), zeros), (chunks, weight.reshape(n_chunks, mb))
+    # the first chunk seeds the carry, so that its types (including shard_map's
+    # varying-across-devices marks) are those the body returns
+    (total, first_aux), grads = grad_fn(params, jax.tree.map(lambda c: c[0], chunks), weights[0])
+    rest = jax.tree.map(lambda c: c[1:], (chunks, weights))
+    (total, grads), aux = jax.lax.scan(body, (total, grads), rest)
+    aux = jax.tree.map(
+        lambda a0, a: jnp.concatenate([a0[None], a]).reshape(n_chunks * mb, *a.shape[2:])[:batch],
+        first_aux,
+        aux,
     )
-    aux = jax.tree.map(lambda a: a.reshape(n_chunks * mb, *a.shape[2:])[:batch], aux)
     return (total / batch, aux), jax.tree.map(lambda g: g / batch, grads)

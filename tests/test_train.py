@@ -61,7 +61,8 @@ def tiny(tmp_path_factory):
 
 
 def _params_leaves(state):
-    return [np.asarray(x) for x in jax.tree.leaves(state.agent.policy_params)]
+    # copies: a zero-copy numpy view would pin the buffer and block its donation
+    return [np.array(x, copy=True) for x in jax.tree.leaves(state.agent.policy_params)]
 
 
 def test_chunk_compiles_once_and_learns_after_warmup(tiny):
@@ -73,7 +74,10 @@ def test_chunk_compiles_once_and_learns_after_warmup(tiny):
     keys = [trainer.chunk_key(call) for call in range(3)]
     with jax.transfer_guard("disallow"):  # no host transfer inside the step
         for key in keys:
+            previous = jax.tree.leaves(state)
             state, metrics = chunk(state, reward_params, key)
+            # the train state is donated: its input buffers were reused for the output
+            assert all(x.is_deleted() for x in previous)
     assert chunk._cache_size() == 1  # one compilation for every call
     updated = np.asarray(metrics["updated"])
     assert updated.all() and np.isfinite(np.asarray(metrics["critic_loss"])).all()
@@ -189,7 +193,9 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 
     assert len(jax.devices()) == 4
     reward = tiny_reward_weights(__import__("pathlib").Path(sys.argv[2]) / "r.msgpack")
-    config = from_dict(TrainConfig, tiny_config_dict(reward))
+    # batch 24 = 6 per device: above the CPU micro-batch of 4, so the chunked gradient
+    # accumulation (with a padded last chunk) runs inside shard_map
+    config = from_dict(TrainConfig, {**tiny_config_dict(reward), "batch_size": 24})
 
     # 1) the fused step on 4 devices keeps the replicated parameters identical
     trainer, reward_params = train_lib.make_trainer(config)
@@ -212,7 +218,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     st = one.init_state()
     roll = jax.jit(lambda k: one._rollout(st.agent.policy_params, reward_params, k))
     rep = replay_lib.add_episodes(st.replay, roll(jax.random.key(3)))
-    batch = replay_lib.sample_transitions(rep, jax.random.key(4), (1, 8))
+    batch = replay_lib.sample_transitions(rep, jax.random.key(4), (1, 24))
     key = jax.random.key(5)
     single, _ = jax.jit(agent.update)(st.agent, batch, key)
     batch_spec = jax.tree.map(lambda x: P(None, "data"), batch)

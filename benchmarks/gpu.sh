@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The issue-7 figures on one GPU, in about 5 minutes (prepared for an H200; run from
+# the repository root):
+#     bash benchmarks/gpu.sh            # JSON under $OUT, else benchmarks/results/gpu/
+# Records: the paper-size gradient step at minibatch 256 / 1,024 / 4,096 and action
+# sampling for 1,000 histories, in float32 and with bfloat16 matmuls; one whole
+# paper-configuration iteration (1,000 envs x 10 steps + 64 updates of batch 4,096,
+# shipped reward model, float32); and the projected time of a paper run
+# (10,001 iterations).
+#
+# Precision: `--matmul-precision bfloat16` makes the policy's and critics' matmuls
+# single bf16 passes with float32 accumulation; parameters, Adam state, soft-target
+# updates (tau = 1e-3), softmax, LayerNorm and tanh-Gaussian log-probs stay float32.
+# That is safe for the agent networks. The AVICI reward stays float32: step rewards are
+# differences of ~0.1 between sums of 100 edge probabilities, which bf16 rounding
+# (~4e-3 relative per product) would blur.
+# Packages the GPU image lacks (distrax, tensorflow-probability, pyyaml, ...) travel as
+# wheels in .whl/ (see the device notes); they are installed when present.
+set -euo pipefail
+OUT_DIR=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT_DIR"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 -c "import jax; print(jax.devices())"
+
+for precision in float32 bfloat16; do
+  timeout 90 python3 -m benchmarks.grad_step --batch-sizes 256 1024 4096 --devices 1 \
+    --act-histories 1000 --matmul-precision "$precision" --repeats 5 \
+    > "$OUT_DIR/grad_step_$precision.json" || echo "grad_step $precision failed or timed out"
+done
+
+timeout 150 python3 -m benchmarks.train_throughput --config linear-d10 --calls 2 --repeats 3 \
+  --set iterations_per_call=1 --set warmup_episodes=1000 --set replay_episodes=100000 \
+  > "$OUT_DIR/train_paper.json" || echo "train_throughput failed or timed out"
+
+python3 - "$OUT_DIR" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+summary = {}
+for prec in ("float32", "bfloat16"):
+    path = out / f"grad_step_{prec}.json"
+    if path.exists() and path.stat().st_size:
+        g = json.loads(path.read_text())
+        summary[prec] = {
+            "grad_step_s": {r["batch"]: r["seconds"] for r in g["batch_sweep"]},
+            "act_1000_s": g["act"]["seconds"],
+        }
+path = out / "train_paper.json"
+if path.exists() and path.stat().st_size:
+    r = json.loads(path.read_text())["results"][0]
+    iteration_s = r["fused"]["call_s"]  # one whole iteration: rollout + 64 updates of 4,096
+    summary["paper_iteration_s"] = iteration_s
+    summary["projected_paper_run_hours"] = 10_001 * iteration_s / 3600
+    summary["goal_hours"] = 8
+(out / "summary.json").write_text(json.dumps(summary, indent=2))
+print(json.dumps(summary, indent=2))
+PY

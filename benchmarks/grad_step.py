@@ -1,0 +1,160 @@
+"""The two network hot paths at the paper's sizes, against the authors' release.
+
+    python -m benchmarks.grad_step [--batch-sizes 32 64 128 256] [--devices 1 2 4]
+        [--act-histories 1000] [--env linear|sergio] [--matmul-precision float32|bfloat16]
+        [--microbatch N]
+
+- one REDQ gradient step (policy + N critics + targets + temperature; utd = 1) on a
+  minibatch of B histories of shape [60, 10, 2] (n0 = 50 + T = 10 rows), paper
+  network sizes (`paper_configs`): median seconds, histories/s, XLA's temporary
+  buffer size and the peak resident memory of a process that does only this;
+- the same step sharded over 1, 2, 4 (fake CPU) devices with shard_map, gradients
+  averaged across devices as in the trainer;
+- sampling actions for `--act-histories` histories (inference path: dropout off).
+Each measurement runs in its own process (clean peak memory; device count is fixed at
+JAX start-up). Prints one JSON object; `benchmarks/report.py` turns it into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+# the authors' PyTorch release on this machine class (REFERENCE.md section 5)
+RELEASE = {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7}
+N_ROWS, D = 60, 10
+
+
+def _measure(spec: dict) -> dict:
+    import jax
+
+    if spec["devices"] > 1:
+        jax.config.update("jax_num_cpu_devices", spec["devices"])
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from benchmarks.common import time_call
+    from caasl_jax.agents.networks import paper_configs
+    from caasl_jax.agents.redq import REDQ, REDQConfig, Transition
+    from caasl_jax.envs.core import History
+
+    policy, critic = paper_configs(spec["env"])
+    agent = REDQ(policy, critic, REDQConfig(microbatch=spec["microbatch"]))
+    action_dim = D * policy.per_variable
+    key = jax.random.key(0)
+
+    def histories(k, shape):
+        data = jax.random.normal(k, (*shape, N_ROWS, D, 2))
+        return History(data=data, length=jax.random.randint(k, shape, 50, N_ROWS + 1))
+
+    one = histories(key, ())
+    state = agent.init(key, one, jnp.zeros((action_dim,)))
+    precision = spec["matmul_precision"]
+    result = dict(spec)
+    with jax.default_matmul_precision(precision):
+        if spec["what"] == "act":
+            obs = histories(jax.random.key(1), (spec["batch"],))
+            act = jax.jit(lambda p, k, o: agent.act(p, k, o)[0])
+            timing = time_call(act, state.policy_params, key, obs, repeats=spec["repeats"])
+            result.update(seconds=timing["median_s"], histories_per_s=spec["batch"] / timing["median_s"])
+        else:
+            b = spec["batch"]
+            k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+            batch = Transition(
+                obs=histories(k1, (1, b)),
+                action=jax.random.uniform(k2, (1, b, action_dim), minval=-1, maxval=1),
+                reward=jax.random.normal(k3, (1, b)),
+                next_obs=histories(k2, (1, b)),
+                done=jnp.zeros((1, b)),
+            )
+            n = spec["devices"]
+            if n == 1:
+                step = jax.jit(agent.update)
+            else:
+                mesh = Mesh(jax.devices()[:n], ("data",))
+                batch_spec = jax.tree.map(lambda _: P(None, "data"), batch)
+                step = jax.jit(
+                    jax.shard_map(
+                        lambda s, bt, k: agent.update(s, bt, k, axis_name="data"),
+                        mesh=mesh,
+                        in_specs=(P(), batch_spec, P()),
+                        out_specs=(P(), P()),
+                    )
+                )
+                batch = jax.device_put(batch, jax.tree.map(lambda s: NamedSharding(mesh, s), batch_spec))
+            compiled = step.lower(state, batch, key).compile()
+            memory = compiled.memory_analysis()
+            timing = time_call(step, state, batch, key, repeats=spec["repeats"])
+            result.update(
+                seconds=timing["median_s"],
+                histories_per_s=b / timing["median_s"],
+                xla_temp_gb=(memory.temp_size_in_bytes / 1e9) if memory is not None else None,
+            )
+    # ru_maxrss is in KiB on Linux
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return result
+
+
+def _run(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.grad_step", "--spec", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
+    if out.returncode:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"benchmark {spec} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--device-batch", type=int, default=256, help="batch of the device sweep")
+    parser.add_argument("--act-histories", type=int, default=1000)
+    parser.add_argument("--env", choices=["linear", "sergio"], default="linear")
+    parser.add_argument("--matmul-precision", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--microbatch", type=int, default=None, help="default: automatic")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.spec:
+        print(json.dumps(_measure(json.loads(args.spec))))
+        return {}
+    base = dict(
+        env=args.env,
+        microbatch=args.microbatch,
+        matmul_precision=args.matmul_precision,
+        repeats=args.repeats,
+        devices=1,
+    )
+    results = {
+        "benchmark": "grad_step",
+        "release": RELEASE,
+        "history_shape": [N_ROWS, D, 2],
+        "act": _run({**base, "what": "act", "batch": args.act_histories}),
+        "batch_sweep": [_run({**base, "what": "update", "batch": b}) for b in args.batch_sizes],
+    }
+    measured = {r["batch"]: r for r in results["batch_sweep"]}
+    results["device_sweep"] = [
+        measured[args.device_batch]
+        if n == 1 and args.device_batch in measured
+        else _run({**base, "what": "update", "batch": args.device_batch, "devices": n})
+        for n in args.devices
+    ]
+    from benchmarks.common import machine_info
+
+    results["machine"] = machine_info()
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""benchmarks/report.py renders the measured JSON (no benchmark is run here)."""
+
+import pytest
+
+from benchmarks import report
+
+
+def _results(grad_s: float, act_s: float) -> dict:
+    machine = {"processor": "x86_64", "cpu_count": 2, "jax": "0", "backend": "cpu", "platform": "linux"}
+    step = lambda b, s, n=1: {  # noqa: E731
+        "batch": b, "devices": n, "seconds": s, "histories_per_s": b / s,
+        "peak_rss_gb": 2.0, "xla_temp_gb": 0.2,
+    }
+    train_row = lambda n, b: {  # noqa: E731
+        "devices": n, "num_envs": 32, "batch_size": b,
+        "rollout": {"seconds": 1.0, "transitions_per_s": 160.0},
+        "update": {"seconds": 0.5}, "fused": {"call_s": 10.0, "transitions_per_s": 80.0},
+        "projected_paper_run_hours_single_device": 48.0,
+    }
+    return {
+        "grad_step": {
+            "release": {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7},
+            "machine": machine,
+            "act": {"batch": 1000, "seconds": act_s},
+            "batch_sweep": [step(64, grad_s / 4), step(256, grad_s)],
+            "device_sweep": [step(256, grad_s), step(256, grad_s / 1.5, 2)],
+        },
+        "train_small": {"results": [train_row(1, 32), train_row(2, 32)]},
+        "train_paper": {"results": [train_row(1, 256)]},
+        "env": {"env": "linear-d10", "n0": 50, "budget": 10, "results": [
+            {"batch": 1000, "transitions_per_s": 1e6, "episode_transitions_per_s": 1.5e5}]},
+        "replay": {"linear-d10": {
+            "ours_bytes_per_transition": 337, "release_bytes_per_transition": {"histories_only": 9600},
+            "reduction_vs_release_histories": 28.5, "ours_GB_at_1e7_transitions": 3.4}},
+    }
+
+
+def test_render_reports_speedups_and_target_status():
+    text = report.render(_results(grad_s=8.05, act_s=4.0), "now")
+    assert "| 8.05 s, 2.00 GB peak RSS" in text
+    assert "**6.0x** time" in text and "7.2x less memory" in text
+    assert "**11.4x**" in text  # 45.7 / 4.0
+    assert "(measured 8.05 s, 2.00 GB: met)" in text and "10x (met)" in text
+    slow = report.render(_results(grad_s=20.0, act_s=6.0), "now")
+    assert "NOT met" in slow and "10x (NOT met)" in slow
+
+
+def test_from_json_without_saved_results_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="grad_step"):
+        report.load_results()
