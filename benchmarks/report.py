@@ -163,9 +163,11 @@ def render(results: dict, stamp: str) -> str:
         "| SERGIO env, AVICI reward model | see `RESULTS_SERGIO.md`, "
         "`caasl_jax/weights/MODEL_CARD.md` | | |",
         "",
-        "Targets of issue 7: gradient step at most 9.7 s with at most half the release's",
-        f"peak memory (measured {_f(b256['seconds'])} s, {_f(b256['peak_rss_gb'])} GB: "
-        f"{'met' if b256['seconds'] <= 9.7 else 'NOT met'}); action sampling at least 10x "
+        f"Targets of issue 7: gradient step at most 9.7 s (measured {_f(b256['seconds'])} s: "
+        f"{'met' if b256['seconds'] <= 9.7 else 'NOT met'}) with at most half the release's "
+        f"peak memory ({_f(b256['peak_rss_gb'])} GB: "
+        f"{'met' if b256['peak_rss_gb'] <= release['grad_step_peak_gb'] / 2 else 'NOT met'}); "
+        f"action sampling at least 10x "
         f"({'met' if release['act_1000_s'] / act['seconds'] >= 10 else 'NOT met'}).",
         "",
         "## Gradient step vs minibatch size (`python -m benchmarks.grad_step`)",
@@ -210,7 +212,8 @@ def render(results: dict, stamp: str) -> str:
         "(K iterations of rollout + replay insert + U updates).",
         "",
         "| config | devices | envs x T | rollout s (transitions/s) | minibatch | update s | "
-        "fused call s | projected paper run, this machine |",
+        "fused call s | paper-length run (1e8 transitions, 640k steps of batch 4,096) "
+        "with these networks, 1 device |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, block in (("small", small), ("linear-d10 (reduced counts)", paper)):
