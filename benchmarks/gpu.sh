@@ -16,8 +16,18 @@
 # (~4e-3 relative per product) would blur.
 # Packages the GPU image lacks (distrax, tensorflow-probability, pyyaml, ...) travel as
 # wheels in .whl/ (see the device notes); they are installed when present.
+#
+# QUICK=1 runs the same pipeline at toy counts (a smoke test of this script on a CPU).
 set -euo pipefail
 OUT_DIR=${OUT:-benchmarks/results/gpu}
+if [[ "${QUICK:-0}" == 1 ]]; then
+  BATCHES="8"; ACT=16; STEP_LIMIT=300; TRAIN_LIMIT=400
+  TRAIN_SETS=(--set num_envs=8 --set batch_size=8 --set updates_per_iteration=1
+              --set warmup_episodes=8 --set replay_episodes=64)
+else
+  BATCHES="256 1024 4096"; ACT=1000; STEP_LIMIT=90; TRAIN_LIMIT=150
+  TRAIN_SETS=(--set warmup_episodes=1000 --set replay_episodes=100000)
+fi
 mkdir -p "$OUT_DIR"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -28,13 +38,14 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "import jax; print(jax.devices())"
 
 for precision in float32 bfloat16; do
-  timeout 90 python3 -m benchmarks.grad_step --batch-sizes 256 1024 4096 --devices 1 \
-    --act-histories 1000 --matmul-precision "$precision" --repeats 5 \
+  # shellcheck disable=SC2086
+  timeout "$STEP_LIMIT" python3 -m benchmarks.grad_step --batch-sizes $BATCHES --devices 1 \
+    --device-batch "${BATCHES%% *}" --act-histories "$ACT" --matmul-precision "$precision" --repeats 5 \
     > "$OUT_DIR/grad_step_$precision.json" || echo "grad_step $precision failed or timed out"
 done
 
-timeout 150 python3 -m benchmarks.train_throughput --config linear-d10 --calls 2 --repeats 3 \
-  --set iterations_per_call=1 --set warmup_episodes=1000 --set replay_episodes=100000 \
+timeout "$TRAIN_LIMIT" python3 -m benchmarks.train_throughput --config linear-d10 --calls 2 \
+  --repeats 3 --set iterations_per_call=1 "${TRAIN_SETS[@]}" \
   > "$OUT_DIR/train_paper.json" || echo "train_throughput failed or timed out"
 
 python3 - "$OUT_DIR" <<'PY'
@@ -48,7 +59,7 @@ for prec in ("float32", "bfloat16"):
         g = json.loads(path.read_text())
         summary[prec] = {
             "grad_step_s": {r["batch"]: r["seconds"] for r in g["batch_sweep"]},
-            "act_1000_s": g["act"]["seconds"],
+            "act": {"histories": g["act"]["batch"], "seconds": g["act"]["seconds"]},
         }
 path = out / "train_paper.json"
 if path.exists() and path.stat().st_size:

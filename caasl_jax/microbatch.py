@@ -8,9 +8,11 @@ peak memory. Evaluating a few examples at a time keeps the working set in cache:
 measured on the 2-core VM, sampling actions for 1,000 paper-size histories took 27 s
 at once and 4.6 s in chunks of 4 (`benchmarks/RESULTS.md`).
 
-On accelerators the whole batch at once is fastest, so the default (`None`) resolves
-to 4 examples per chunk on CPU and no chunking elsewhere. Chunking changes only the
-order of floating-point sums, not the result (tested against the unchunked path).
+On accelerators big chunks are fastest, but not the whole paper minibatch: unchunked,
+the gradient step needs about 0.1 GB of temporaries per history (25 GB at 256, so
+400 GB at the paper's 4,096). The default (`None`) therefore resolves to 4 examples
+per chunk on CPU and 256 on accelerators. Chunking changes only the order of
+floating-point sums, not the result (tested against the unchunked path).
 
 Three forms, for the three ways the project batches networks:
 - `map_examples(fn, xs, mb)`: forward pass over an explicit batch (no gradient);
@@ -28,18 +30,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-#: examples per chunk on CPU when the config leaves it to us (measured best of 2-40)
+#: examples per chunk when the config leaves it to us: CPU (measured best of 1-40)
+#: and accelerators (bounds the step's temporaries to ~25 GB)
 CPU_MICROBATCH = 4
+ACCELERATOR_MICROBATCH = 256
 
 
 def resolve(microbatch: int | None) -> int:
-    """Examples per chunk: the configured value, else CPU_MICROBATCH on CPU and 0 (whole
-    batch) on accelerators. 0 means no chunking."""
+    """Examples per chunk: the configured value, else CPU_MICROBATCH on CPU and
+    ACCELERATOR_MICROBATCH elsewhere. 0 means no chunking."""
     if microbatch is not None:
         if not isinstance(microbatch, int) or isinstance(microbatch, bool) or microbatch < 0:
             raise ValueError(f"microbatch must be an integer >= 0 or None, got {microbatch!r}")
         return microbatch
-    return CPU_MICROBATCH if jax.default_backend() == "cpu" else 0
+    return CPU_MICROBATCH if jax.default_backend() == "cpu" else ACCELERATOR_MICROBATCH
 
 
 def _batch_size(xs) -> int:

@@ -83,8 +83,8 @@ class REDQConfig:
     alpha_lr: Adam learning rates; init_log_alpha: initial log temperature;
     target_entropy: None -> -(action dims), else this number; max_grad_norm: global
     gradient-norm clip for every optimiser (None: no clipping); microbatch: examples
-    evaluated at a time in acting, targets and gradients (None: 4 on CPU, the whole
-    batch on accelerators; 0: whole batch; see `caasl_jax.microbatch`).
+    evaluated at a time in acting, targets and gradients (None: 4 on CPU, 256 on
+    accelerators; 0: whole batch; see `caasl_jax.microbatch`).
     """
 
     num_critics: int = 2
