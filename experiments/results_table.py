@@ -20,6 +20,7 @@ FIGURES = (
     "fig3_linear",
     "fig3_linear_likelihood",
     "fig4_linear_ood",
+    "fig4_linear_ood_likelihood",
     "fig5_linear_dims",
     "fig6_sergio",
     "fig8_sergio_dims",
@@ -46,10 +47,14 @@ def load_results(results_dir: Path = HERE / "results") -> dict[str, dict]:
     return found
 
 
+#: reruns with the slow likelihood baselines, on fewer held-out environments
+FEW_ENVS = {"fig3_linear_likelihood": 5, "fig4_linear_ood_likelihood": 2}
+
+
 def figure_label(figure: str) -> str:
-    """'fig3_linear' -> 'fig3'; the 10-environment likelihood rerun is marked as such."""
+    """'fig3_linear' -> 'fig3'; the few-environment likelihood reruns are marked as such."""
     label = figure.split("_")[0]
-    return f"{label} (5 envs)" if figure.endswith("_likelihood") else label
+    return f"{label} ({FEW_ENVS[figure]} envs)" if figure in FEW_ENVS else label
 
 
 def results_table(by_figure: dict[str, dict]) -> str:
