@@ -61,7 +61,9 @@ def _measure(spec: dict) -> dict:
             obs = histories(jax.random.key(1), (spec["batch"],))
             act = jax.jit(lambda p, k, o: agent.act(p, k, o)[0])
             timing = time_call(act, state.policy_params, key, obs, repeats=spec["repeats"])
-            result.update(seconds=timing["median_s"], histories_per_s=spec["batch"] / timing["median_s"])
+            result.update(
+                seconds=timing["median_s"], histories_per_s=spec["batch"] / timing["median_s"]
+            )
         else:
             b = spec["batch"]
             k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
@@ -86,7 +88,9 @@ def _measure(spec: dict) -> dict:
                         out_specs=(P(), P()),
                     )
                 )
-                batch = jax.device_put(batch, jax.tree.map(lambda s: NamedSharding(mesh, s), batch_spec))
+                batch = jax.device_put(
+                    batch, jax.tree.map(lambda s: NamedSharding(mesh, s), batch_spec)
+                )
             compiled = step.lower(state, batch, key).compile()
             memory = compiled.memory_analysis()
             timing = time_call(step, state, batch, key, repeats=spec["repeats"])

@@ -38,11 +38,26 @@ PAPER_STAGE_OVERRIDES = [
 BENCHMARKS = {
     "grad_step": ["benchmarks.grad_step"],
     "train_small": [
-        "benchmarks.train_throughput", "--config", "small", "--devices", "1", "2", "4",
-        "--calls", "2", "--repeats", "2",
+        "benchmarks.train_throughput",
+        "--config",
+        "small",
+        "--devices",
+        "1",
+        "2",
+        "4",
+        "--calls",
+        "2",
+        "--repeats",
+        "2",
     ],
     "train_paper": [
-        "benchmarks.train_throughput", "--config", "linear-d10", "--calls", "1", "--repeats", "2",
+        "benchmarks.train_throughput",
+        "--config",
+        "linear-d10",
+        "--calls",
+        "1",
+        "--repeats",
+        "2",
         *[arg for item in PAPER_STAGE_OVERRIDES for arg in ("--set", item)],
     ],
     "env": ["benchmarks.env_throughput", "--repeats", "3"],
@@ -90,21 +105,41 @@ def draw_plots(results: dict, folder: Path) -> list[str]:
     grad = results["grad_step"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     sweep = grad["batch_sweep"]
-    axes[0].plot([r["batch"] for r in sweep], [r["histories_per_s"] for r in sweep], "o-", label="caasl-jax")
-    axes[0].axhline(256 / grad["release"]["grad_step_s"], color="gray", ls="--", label="release (B=256)")
-    axes[0].set(xscale="log", xlabel="minibatch (histories)", ylabel="histories / s",
-                title="REDQ gradient step vs batch size")
+    axes[0].plot(
+        [r["batch"] for r in sweep], [r["histories_per_s"] for r in sweep], "o-", label="caasl-jax"
+    )
+    axes[0].axhline(
+        256 / grad["release"]["grad_step_s"], color="gray", ls="--", label="release (B=256)"
+    )
+    axes[0].set(
+        xscale="log",
+        xlabel="minibatch (histories)",
+        ylabel="histories / s",
+        title="REDQ gradient step vs batch size",
+    )
     axes[0].legend()
     devices = grad["device_sweep"]
-    axes[1].plot([r["devices"] for r in devices], [r["histories_per_s"] for r in devices], "o-",
-                 label="gradient step, B=256")
+    axes[1].plot(
+        [r["devices"] for r in devices],
+        [r["histories_per_s"] for r in devices],
+        "o-",
+        label="gradient step, B=256",
+    )
     small = results["train_small"]["results"]
     ax2 = axes[1].twinx()
-    ax2.plot([r["devices"] for r in small], [r["fused"]["transitions_per_s"] for r in small], "s--",
-             color="C1", label="fused small-config call")
+    ax2.plot(
+        [r["devices"] for r in small],
+        [r["fused"]["transitions_per_s"] for r in small],
+        "s--",
+        color="C1",
+        label="fused small-config call",
+    )
     ax2.set_ylabel("env transitions / s (fused call)")
-    axes[1].set(xlabel="devices (fake CPU devices on 2 cores)", ylabel="histories / s",
-                title="scaling with devices")
+    axes[1].set(
+        xlabel="devices (fake CPU devices on 2 cores)",
+        ylabel="histories / s",
+        title="scaling with devices",
+    )
     axes[1].set_xticks([r["devices"] for r in devices])
     lines = axes[1].get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     axes[1].legend(lines, [line.get_label() for line in lines], fontsize=8)
@@ -266,28 +301,33 @@ def render(results: dict, stamp: str) -> str:
 
 WHAT_LIMITS = """## What limits the gradient step on this CPU
 
-Profiled with the block-level micro-benchmarks described in `caasl_jax/microbatch.py`:
+Figures from `python -m benchmarks.encoder_profile` (forward vs gradient of the
+paper-size encoders on one micro-batch of 4 histories) and from
+`python -m benchmarks.grad_step --microbatch 0 --batch-sizes 64 --devices 1` (the
+step without micro-batching), measured on this VM during development:
 
 - **Memory traffic of the sample-axis attention, not arithmetic.** Its logits are
   B x d x 8 heads x 60 x 60 floats (295 MB at B = 256). Over a whole batch every
   elementwise pass (mask, max, exp, sum, divide, dropout and their gradients) streams
-  that through DRAM at ~7 GB/s; the unchunked step needed 25 GB of XLA temporaries and
-  did not fit in 24 GiB at B = 256 (at B = 64: 14.5 s, 8.3 GB). Micro-batching (4
-  histories at a time on CPU, gradients accumulated in a `lax.scan`) keeps the working
-  set in cache.
+  that through DRAM. Unchunked, the step took 14.5 s with 6.3 GB of XLA temporaries
+  at B = 64, and XLA's memory analysis asked for 25 GB at B = 256, more than the VM
+  has. Micro-batching (4 histories at a time on CPU, gradients accumulated in a
+  `lax.scan`) keeps the working set in cache.
 - **Tiny heads.** Width 32 over 8 heads leaves 4-wide heads: each attention product is
   a 60x4 by 4x60 matmul, far too small for the matmul units. A heads-first layout
-  ([..., H, S, C]) made both products plain batched matmuls (1.3x on the attention).
-- **Policy dropout** (0.1 on attention weights and residuals, as in the paper):
-  the policy encoder's forward pass on 4 histories takes 15 ms without it and 66 ms
-  with it (threefry bits for ~3M attention weights per history, 2.8 ns each, plus the
-  masks); about 3 s of the step. 16-bit draws and the RBG generator were no faster.
-- **Backward pass.** The encoder's gradient costs 5.8x its forward pass (89 vs 15 ms
-  per 4 histories), while its blocks alone cost 4.4x; the remainder is in the masked
-  max-pool, the layout changes between the variable and sample axes, and the
+  ([..., H, S, C]) made both products plain batched matmuls (one measurement: 18.3 s
+  -> 16.0 s per step; not kept as a benchmark).
+- **Policy dropout** (0.1 on attention weights and residuals, as in the paper): the
+  policy encoder's forward pass on 4 histories took 14-15 ms without it and 62-66 ms
+  with it (threefry bits for ~3M attention weights per history plus the masks), about 3 s
+  of the step. 16-bit draws and the RBG generator were no faster.
+- **Backward pass.** The encoder's gradient cost about 6x its forward pass (88-89 vs
+  14-15 ms per 4 histories, two runs) while its blocks alone cost about 4.4x; the remainder is in the
+  masked max-pool, the layout changes between the variable and sample axes, and the
   per-chunk parameter-gradient accumulation. This is the next thing to attack.
-- **Two cores.** XLA's CPU runtime uses about 1.5 of the 2 cores on these small ops;
-  splitting the batch over 2 fake devices lets each core run its own stream."""
+- **Two cores.** XLA's CPU runtime used about 1.5 of the 2 cores on these small ops
+  (process CPU time / wall time); splitting the batch over 2 fake devices lets each
+  core run its own stream (table above)."""
 
 
 def main(argv=None) -> None:

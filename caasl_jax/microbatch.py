@@ -5,8 +5,9 @@ N floats (295 MB at B = 256, N = 60, d = 10, 8 heads). Evaluated over a whole ba
 once, every elementwise pass (mask, max, exp, sum, divide, and their gradients) streams
 it through main memory, and on a CPU that, not arithmetic, sets the speed and the
 peak memory. Evaluating a few examples at a time keeps the working set in cache:
-measured on the 2-core VM, sampling actions for 1,000 paper-size histories took 27 s
-at once and 4.6 s in chunks of 4 (`benchmarks/RESULTS.md`).
+on the 2-core VM, sampling actions for 1,000 paper-size histories took 27 s at once and
+4.6 s in chunks of 4 (measured before the heads-first attention layout; compare
+`python -m benchmarks.grad_step --microbatch 0` with the default for today's code).
 
 On accelerators big chunks are fastest, but not the whole paper minibatch: unchunked,
 the gradient step needs about 0.1 GB of temporaries per history (25 GB at 256, so
@@ -61,8 +62,8 @@ def map_examples(fn: Callable, xs, microbatch: int | None = None):
 def vmap_in_chunks(fn: Callable, microbatch: int | None = None) -> Callable:
     """fn(*args) whose `jax.vmap` runs in chunks of `microbatch` (forward only).
 
-    The batching rule moves every batched argument's vmapped axis to the front and
-    maps fn over it in chunks; unbatched arguments (parameters) are shared. Not
+    The batching rule maps fn in chunks over the arguments that the vmap batches
+    (each wholly batched, axis 0); unbatched arguments (parameters) are shared. Not
     differentiable: use it for acting and scoring, not inside a loss.
     """
     mb = resolve(microbatch)
@@ -75,25 +76,20 @@ def vmap_in_chunks(fn: Callable, microbatch: int | None = None) -> Callable:
 
     @chunked.def_vmap
     def _rule(axis_size, in_batched, *args):
-        batched = [a for a, b in zip(args, in_batched) if _any_batched(b)]
-        flags = [b for b in in_batched if _any_batched(b)]
+        is_batched = [any(jax.tree.leaves(b)) for b in in_batched]
+        if any(
+            batched and not all(jax.tree.leaves(b)) for batched, b in zip(is_batched, in_batched)
+        ):
+            raise NotImplementedError("vmap_in_chunks: partly batched pytree argument")
 
         def one(example):
-            it = iter(example)
-            full = [next(it) if _any_batched(b) else a for a, b in zip(args, in_batched)]
-            return fn(*full)
+            rest = iter(example)
+            return fn(*(next(rest) if batched else a for a, batched in zip(args, is_batched)))
 
-        for b in flags:
-            if not all(jax.tree.leaves(b)):
-                raise NotImplementedError("vmap_in_chunks: partly batched pytree argument")
-        out = map_examples(one, tuple(batched), mb)
+        out = map_examples(one, tuple(a for a, batched in zip(args, is_batched) if batched), mb)
         return out, jax.tree.map(lambda _: True, out)
 
     return chunked
-
-
-def _any_batched(flags) -> bool:
-    return any(jax.tree.leaves(flags))
 
 
 def mean_value_and_grad(

@@ -6,15 +6,28 @@ from benchmarks import report
 
 
 def _results(grad_s: float, act_s: float) -> dict:
-    machine = {"processor": "x86_64", "cpu_count": 2, "jax": "0", "backend": "cpu", "platform": "linux"}
+    machine = {
+        "processor": "x86_64",
+        "cpu_count": 2,
+        "jax": "0",
+        "backend": "cpu",
+        "platform": "linux",
+    }
     step = lambda b, s, n=1: {  # noqa: E731
-        "batch": b, "devices": n, "seconds": s, "histories_per_s": b / s,
-        "peak_rss_gb": 2.0, "xla_temp_gb": 0.2,
+        "batch": b,
+        "devices": n,
+        "seconds": s,
+        "histories_per_s": b / s,
+        "peak_rss_gb": 2.0,
+        "xla_temp_gb": 0.2,
     }
     train_row = lambda n, b: {  # noqa: E731
-        "devices": n, "num_envs": 32, "batch_size": b,
+        "devices": n,
+        "num_envs": 32,
+        "batch_size": b,
         "rollout": {"seconds": 1.0, "transitions_per_s": 160.0},
-        "update": {"seconds": 0.5}, "fused": {"call_s": 10.0, "transitions_per_s": 80.0},
+        "update": {"seconds": 0.5},
+        "fused": {"call_s": 10.0, "transitions_per_s": 80.0},
         "projected_paper_run_hours_single_device": 48.0,
     }
     return {
@@ -27,11 +40,22 @@ def _results(grad_s: float, act_s: float) -> dict:
         },
         "train_small": {"results": [train_row(1, 32), train_row(2, 32)]},
         "train_paper": {"results": [train_row(1, 256)]},
-        "env": {"env": "linear-d10", "n0": 50, "budget": 10, "results": [
-            {"batch": 1000, "transitions_per_s": 1e6, "episode_transitions_per_s": 1.5e5}]},
-        "replay": {"linear-d10": {
-            "ours_bytes_per_transition": 337, "release_bytes_per_transition": {"histories_only": 9600},
-            "reduction_vs_release_histories": 28.5, "ours_GB_at_1e7_transitions": 3.4}},
+        "env": {
+            "env": "linear-d10",
+            "n0": 50,
+            "budget": 10,
+            "results": [
+                {"batch": 1000, "transitions_per_s": 1e6, "episode_transitions_per_s": 1.5e5}
+            ],
+        },
+        "replay": {
+            "linear-d10": {
+                "ours_bytes_per_transition": 337,
+                "release_bytes_per_transition": {"histories_only": 9600},
+                "reduction_vs_release_histories": 28.5,
+                "ours_GB_at_1e7_transitions": 3.4,
+            }
+        },
     }
 
 

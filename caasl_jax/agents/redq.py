@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from caasl_jax import microbatch as microbatch_lib
 from caasl_jax.agents.networks import (
     CriticConfig,
     CriticEnsemble,
@@ -47,7 +48,6 @@ from caasl_jax.agents.networks import (
     policy_distribution,
     to_env_action,
 )
-from caasl_jax import microbatch as microbatch_lib
 from caasl_jax.envs.core import History
 
 # ----------------------------------------------------------------------------------
@@ -117,8 +117,7 @@ class REDQConfig:
         for name in ("policy_lr", "critic_lr", "alpha_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"REDQConfig: {name} must be > 0, got {getattr(self, name)!r}")
-        if self.microbatch is not None:
-            microbatch_lib.resolve(self.microbatch)  # validates
+        microbatch_lib.resolve(self.microbatch)  # raises on a bad value
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(
                 f"REDQConfig: max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}"
@@ -309,10 +308,14 @@ class REDQ:
         mean, log_std = self.policy.apply(
             params, data, mask, deterministic=deterministic, rngs={"dropout": dropout_key}
         )
-        per_var, log_prob = policy_distribution(mean, log_std).sample_and_log_prob(
-            seed=sample_key
-        )
+        per_var, log_prob = policy_distribution(mean, log_std).sample_and_log_prob(seed=sample_key)
         return to_env_action(per_var), log_prob
+
+    def _acting_deterministic(self, deterministic: bool | None = None) -> bool:
+        """Dropout off when acting, unless asked for or the config sets act_with_dropout."""
+        if deterministic is None:
+            return not self.policy_config.act_with_dropout
+        return deterministic
 
     def act(
         self, policy_params, key: jax.Array, obs: History, deterministic: bool | None = None
@@ -322,8 +325,7 @@ class REDQ:
         Returns (action f32[..., A] in (-1, 1), log_prob f32[...]). Dropout is off unless
         `deterministic=False` or the policy config sets act_with_dropout.
         """
-        if deterministic is None:
-            deterministic = not self.policy_config.act_with_dropout
+        deterministic = self._acting_deterministic(deterministic)
         batch_shape = obs.data.shape[:-3]
         flat_data = obs.data.reshape(-1, *obs.data.shape[-3:])
         flat_mask = obs.mask.reshape(-1, obs.data.shape[-3])
@@ -338,8 +340,7 @@ class REDQ:
     def acting_fn(self, deterministic: bool | None = None):
         """(policy_params, key, data f32[N, d, 2], mask bool[N]) -> (action, log_prob) for
         ONE history, whose `jax.vmap` over environments runs in micro-batches."""
-        if deterministic is None:
-            deterministic = not self.policy_config.act_with_dropout
+        deterministic = self._acting_deterministic(deterministic)
         return microbatch_lib.vmap_in_chunks(
             lambda params, key, data, mask: self._sample(params, key, data, mask, deterministic),
             self.config.microbatch,
@@ -361,7 +362,7 @@ class REDQ:
         cfg = self.config
         subset_key, next_key = jax.random.split(key)
         next_keys = example_keys(next_key, batch.reward.shape[0], axis_name)
-        acting_deterministic = not self.policy_config.act_with_dropout
+        acting_deterministic = self._acting_deterministic()
 
         def one(example):
             k, data, mask = example
@@ -495,9 +496,7 @@ class REDQ:
             minibatch, k = xs
             return self._critic_step(carry, minibatch, k, axis_name)
 
-        state, critic_metrics = jax.lax.scan(
-            body, state, (batch, jax.random.split(critic_key, g))
-        )
+        state, critic_metrics = jax.lax.scan(body, state, (batch, jax.random.split(critic_key, g)))
         last = jax.tree.map(lambda x: x[-1], batch)
         state, policy_metrics = self._policy_step(state, last, policy_key, axis_name)
         metrics = {k: jnp.mean(v) for k, v in critic_metrics.items()}

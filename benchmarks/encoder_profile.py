@@ -1,0 +1,90 @@
+"""Forward vs gradient cost of the paper-size encoder on one CPU micro-batch.
+
+    python -m benchmarks.encoder_profile [--histories 4] [--repeats 30]
+
+Times the policy encoder (ffn 4x) with and without dropout and the critic encoder
+(ffn 2x), forward and gradient, on a micro-batch of [60, 10, 2] histories, and one
+variable-axis and one sample-axis block alone. These are the figures behind "What
+limits the gradient step" in RESULTS.md. Prints JSON (milliseconds, medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import emit, machine_info
+from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
+
+N_ROWS, D, WIDTH = 60, 10, 32
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[repeats // 2]
+
+
+def fwd_and_grad(module, params, *inputs, repeats: int, rngs=None) -> dict:
+    def forward(p):
+        return module.apply(p, *inputs, rngs=rngs)
+
+    def grad(p):
+        return jax.grad(lambda q: jnp.sum(forward(q) ** 2))(p)
+
+    return {
+        "forward_ms": median_ms(forward, params, repeats=repeats),
+        "grad_ms": median_ms(grad, params, repeats=repeats),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--histories", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    b, key = args.histories, jax.random.key(0)
+    data = jax.random.normal(key, (b, N_ROWS, D, 2))
+    mask = jnp.arange(N_ROWS) < jax.random.randint(key, (b, 1), 50, N_ROWS + 1)
+    results = {}
+    for name, ffn, dropout in (
+        ("policy", 4, 0.1),
+        ("policy_no_dropout", 4, 0.0),
+        ("critic", 2, 0.0),
+    ):
+        config = EncoderConfig(num_layers=4, num_heads=8, ffn_multiplier=ffn, dropout=dropout)
+        encoder = Encoder(config, deterministic=dropout == 0.0)
+        params = encoder.init({"params": key, "dropout": key}, data, mask)
+        results[f"encoder_{name}"] = fwd_and_grad(
+            encoder, params, data, mask, repeats=args.repeats, rngs={"dropout": key}
+        )
+    x = jax.random.normal(key, (b, N_ROWS, D, WIDTH))
+    block = TransformerBlock(num_heads=8, ffn_width=4 * WIDTH, dropout=0.0, deterministic=True)
+    for name, tokens, key_mask in (
+        ("variables", x, None),
+        ("samples", jnp.swapaxes(x, 1, 2), mask[:, None, :]),
+    ):
+        params = block.init(key, tokens, key_mask)
+        results[f"block_{name}"] = fwd_and_grad(
+            block, params, tokens, key_mask, repeats=args.repeats
+        )
+    emit(
+        {
+            "benchmark": "encoder_profile",
+            "histories": b,
+            "results": results,
+            "machine": machine_info(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
