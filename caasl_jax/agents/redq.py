@@ -117,7 +117,8 @@ class REDQConfig:
         for name in ("policy_lr", "critic_lr", "alpha_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"REDQConfig: {name} must be > 0, got {getattr(self, name)!r}")
-        microbatch_lib.resolve(self.microbatch)  # raises on a bad value
+        if self.microbatch is not None:  # resolve(None) would start the JAX backend
+            microbatch_lib.resolve(self.microbatch)  # raises on a bad value
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(
                 f"REDQConfig: max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}"
