@@ -82,6 +82,7 @@ def _evaluate(args) -> int:
         env_overrides=parse_env_overrides(args.env_set),
         n_workers=args.workers,
         progress=not args.no_progress,
+        checkpoint_dir=args.checkpoint_dir,
     )
     meta.update(policy=args.policy, baselines=args.baselines)
     json_path, csv_path = write_results(args.out, results, meta)
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true")
     ev.add_argument(
         "--workers", type=int, help="processes for the GIES refits (default: all cores)"
+    )
+    ev.add_argument(
+        "--checkpoint-dir",
+        help="save DiffCBED / SS Finite progress here after every design step; rerunning "
+        "with the same folder resumes (into a fresh --out)",
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)

@@ -428,6 +428,7 @@ def evaluate_suite(
     n_workers: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = print,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate designs on environments; every input is checked before any rollout.
 
@@ -435,7 +436,9 @@ def evaluate_suite(
     likelihood-based `diffcbed`, `ss-finite`) and at most one trained policy (a run
     directory, a policy file or a shipped policy name), labelled "caasl". env_names
     may hold suites (see `expand_env_names`). Environment settings come from the
-    policy's run config, then `env_overrides`.
+    policy's run config, then `env_overrides`. With `checkpoint_dir`, the slow
+    likelihood baselines save their progress there after every design step
+    (`<env>--<design>.msgpack`) and a rerun resumes from it.
     Returns ({env: {label: {metric: {"mean", "stderr"}}}}, meta).
     """
     from caasl_jax.envs.registry import make_env
@@ -481,9 +484,11 @@ def evaluate_suite(
             if any(s[:2] == (env_name, name) for s in skipped):
                 continue
             if name in slow:
+                checkpoint = checkpoint_dir and Path(checkpoint_dir) / f"{env_name}--{name}.msgpack"
                 histories = slow[name](
-                    env, params, rollout_key(seed), n_workers=n_workers, progress=progress
-                )
+                    env, params, rollout_key(seed), n_workers=n_workers, progress=progress,
+                    checkpoint=checkpoint,
+                )  # fmt: skip
                 summary = score_histories(env, histories, params, reward_params, reward_config)
             else:
                 summary = evaluate_design(

@@ -4,6 +4,11 @@ Each `figN_*.py` script is `run_figure("<name>")`: it reads configs/<name>.yaml,
 `caasl_jax.evaluate.evaluate_suite` (the same code as `caasl evaluate`), and writes
 results/<name>/{results.json, results.csv, <name>.png, table.md}. Command-line flags
 override the config (e.g. `--policy runs/my-run --n-envs 20`).
+
+The likelihood baselines (DiffCBED, SS Finite) take hours on 100 environments: they
+save their progress to results/<name>/checkpoints/ after every design step, and
+rerunning the same command resumes there (the folder goes once results.json is
+written; `--overwrite` starts afresh).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -75,7 +81,10 @@ def parse_args(name: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--n-envs", type=int, help="held-out environments per env (default 100)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", help=f"output folder (default experiments/results/{name})")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace existing results and discard saved baseline progress",
+    )  # fmt: skip
     parser.add_argument(
         "--replot", action="store_true", help="only redraw the plot and table from results.json"
     )
@@ -110,7 +119,14 @@ def run_figure(name: str, argv=None) -> dict:
         results = json.loads((out / "results.json").read_text())["results"]
         print(write_figure(name, out, results, config))
         return results
-    check_output_dir(out, args.overwrite)
+    checkpoints = out / "checkpoints"
+    if args.overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    resumed = checkpoints.exists() and not (out / "results.json").exists()
+    if resumed:
+        print(f"resuming the likelihood baselines from {checkpoints}/")
+    else:
+        check_output_dir(out, args.overwrite)
     designs = ([config.policy] if config.policy else []) + list(config.baselines)
     start = time.perf_counter()
     results, meta = evaluate_suite(
@@ -122,9 +138,12 @@ def run_figure(name: str, argv=None) -> dict:
         reward_model=config.reward_model,
         env_overrides=config.env_overrides,
         progress=True,
+        checkpoint_dir=checkpoints,
     )
-    meta.update(figure=name, title=config.title, wall_time_s=round(time.perf_counter() - start, 1))
+    meta.update(figure=name, title=config.title, wall_time_s=round(time.perf_counter() - start, 1),
+                resumed=resumed)  # wall time of the last (resumed) part only
     write_results(out, results, meta)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the results now hold everything
     print(write_figure(name, out, results, config))
     print(f"wrote {out}/ (results.json, results.csv, {name}.png, table.md) in "
           f"{meta['wall_time_s']:.0f} s")  # fmt: skip

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 from gies.scores.gauss_int_l0_pen import GaussIntL0Pen
+import gies.utils
 from gies.utils import replace_unprotected
 
 from caasl_jax import evaluate as ev
@@ -16,6 +17,8 @@ from caasl_jax.baselines import LIKELIHOOD_BASELINES, check_supported, diffcbed,
 from caasl_jax.baselines import posterior as post
 from caasl_jax.envs.linear import LinearParams
 from caasl_jax.envs.registry import make_env
+
+GIES_SEMI_DIRECTED_PATHS = gies.utils.semi_directed_paths  # the package's own version
 
 
 def _params(graph, weight, noise_std):
@@ -76,6 +79,40 @@ def test_pooled_score_is_the_uncentred_regression_and_keeps_single_sample_groups
     envs = [x[np.all(targets == targets[r], 1)] for r in (0, 37, 38, 39)]
     gies_score = GaussIntL0Pen(envs, [[], [1], [0, 2], [3]])
     np.testing.assert_allclose(gies_score.sample_cov[1], 0.0)
+
+
+def _random_pdag(rng, d):
+    """A random DAG with some edges made undirected (both entries set)."""
+    dag = np.triu(rng.random((d, d)) < 0.4, 1)[np.ix_(perm := rng.permutation(d), perm)]
+    undirected = dag & (rng.random((d, d)) < 0.5)
+    return (dag | undirected.T).astype(float)
+
+
+def test_fast_semi_directed_paths_match_the_gies_package():
+    assert GIES_SEMI_DIRECTED_PATHS is not post.semi_directed_paths
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        pdag = _random_pdag(rng, 7)
+        for fro, to in itertools.permutations(range(7), 2):
+            ours = sorted(post.semi_directed_paths(fro, to, pdag))
+            assert ours == sorted(GIES_SEMI_DIRECTED_PATHS(fro, to, pdag)), (fro, to, pdag)
+
+
+def test_gies_finds_the_same_graphs_with_the_fast_paths(monkeypatch):
+    env = make_env("linear-d10")
+    params = jax.vmap(env.sample_params)(jax.random.split(jax.random.key(3), 6))
+    for i in range(6):
+        designs = [((i % 10,), 1.0, 1), (((i + 3) % 10, (i + 5) % 10), -1.0, 1), ((7,), 0.5, 5)]
+        p = jax.tree.map(lambda a, i=i: a[i], params)
+        x, targets = _rows(env, p, jax.random.key(i), designs)
+        monkeypatch.setattr(gies.utils, "semi_directed_paths", GIES_SEMI_DIRECTED_PATHS)
+        monkeypatch.setattr(post, "use_fast_semi_directed_paths", lambda: None)
+        reference, _ = post.fit_gies(x, targets)
+        monkeypatch.undo()
+        assert reference.sum() > 0
+        fast, _ = post.fit_gies(x, targets)
+        assert gies.utils.semi_directed_paths is post.semi_directed_paths
+        np.testing.assert_array_equal(fast, reference)
 
 
 def test_random_extension_keeps_the_essential_graph_and_varies_orientation():
@@ -308,3 +345,49 @@ def test_run_returns_rollout_shaped_histories(name):
     # the process pool and the serial path give the same designs
     serial = run(env, params, key, n_workers=1, progress=False)
     np.testing.assert_allclose(serial.data, histories.data, atol=1e-5)
+
+
+def test_design_loop_resumes_from_its_checkpoint(tmp_path):
+    from caasl_jax.baselines import _design_runner
+
+    env = make_env("linear-sparse-d3", n0=6, budget=3)
+    params = ev.heldout_params(env, 2, 0)
+    key = jax.random.key(5)
+    config = ss_finite.SSFiniteConfig(n_datasets=4)
+    run = functools.partial(LIKELIHOOD_BASELINES["ss-finite"], env, params, key,
+                            n_particles=3, n_workers=1, progress=False)  # fmt: skip
+    uninterrupted = run(config=config)
+    # a run that dies in its second design step (2 envs) leaves the first step's progress
+    checkpoint = tmp_path / "progress.msgpack"
+    calls = []
+
+    def dying_design(env, particles, key, config):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return ss_finite.design(env, particles, key, config)
+
+    dying = _design_runner("ss-finite", dying_design, ss_finite.SSFiniteConfig)
+    with pytest.raises(KeyboardInterrupt):
+        dying(env, params, key, n_particles=3, n_workers=1, progress=False, config=config,
+              checkpoint=checkpoint)  # fmt: skip
+    assert checkpoint.exists()
+    calls.clear()
+
+    def counted_design(env, particles, key, config):
+        calls.append(1)
+        return ss_finite.design(env, particles, key, config)
+
+    resumed = _design_runner("ss-finite", counted_design, ss_finite.SSFiniteConfig)(
+        env, params, key, n_particles=3, n_workers=1, progress=False, config=config,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+    assert len(calls) == 2 * 2  # only the two design steps left, for both envs
+    np.testing.assert_array_equal(resumed.data, uninterrupted.data)
+    np.testing.assert_array_equal(resumed.length, uninterrupted.length)
+    # progress of another run (other settings) or a damaged file is refused, by name
+    with pytest.raises(ValueError, match="another run"):
+        run(config=ss_finite.SSFiniteConfig(n_datasets=5), checkpoint=checkpoint)
+    checkpoint.write_bytes(b"not msgpack")
+    with pytest.raises(ValueError, match="not a caasl-jax design-loop progress file"):
+        run(config=config, checkpoint=checkpoint)

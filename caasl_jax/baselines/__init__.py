@@ -3,7 +3,9 @@
     from caasl_jax.baselines import LIKELIHOOD_BASELINES
     histories = LIKELIHOOD_BASELINES["diffcbed"](env, env_params, key)   # History [B]
 
-Each entry is `run(env, env_params, key, *, n_workers=os.cpu_count(), progress=True)`:
+Each entry is `run(env, env_params, key, *, n_workers=os.cpu_count(), progress=True,
+checkpoint=None)` (checkpoint: a file to save progress to after each design step and
+resume from; see `runner.run_design_loop`):
 it takes held-out hidden parameters with a leading axis [B] and returns the final
 histories [B] (the structure `evaluate.rollout_episodes(...)[0]` returns), built by
 stepping the real env once per design step with the method's design. Only the linear
@@ -37,6 +39,7 @@ def _design_runner(name: str, design: Callable, default_config: Callable):
         progress: bool = True,
         n_particles: int = 30,
         config=None,
+        checkpoint=None,
     ) -> History:
         config = config or default_config()
         return run_design_loop(
@@ -48,6 +51,8 @@ def _design_runner(name: str, design: Callable, default_config: Callable):
             n_workers=n_workers,
             progress=progress,
             n_particles=n_particles,
+            checkpoint=checkpoint,
+            settings=config,
         )
 
     run.__doc__ = f"{name} designs for every env of the batch; final histories [B]."

@@ -141,10 +141,54 @@ class PooledGaussianBIC(DecomposableScore):
         return sum(self.local_score(k, set(np.flatnonzero(A[:, k]))) for k in range(self.p))
 
 
+def semi_directed_paths(fro: int, to: int, pdag: np.ndarray):
+    """Every path fro -> ... -> to of distinct nodes whose edges are directed forward
+    (i -> j) or undirected (i - j) in `pdag` (pdag[i, j] != 0: an edge leaves i), as
+    lists of nodes, generated lazily.
+
+    The same paths, in the same depth-first order, as `gies.utils.semi_directed_paths`
+    (0.0.3), which GIES's insert and turn operators iterate to test that each path
+    meets a given node set. That version rebuilds every node's successor set with 20
+    numpy calls per call and returns the full list; this one needs one numpy call and
+    lets the caller stop at the first path that violates the condition. It made a
+    30-particle posterior fit about 2x faster (benchmarks/RESULTS_BASELINES.md);
+    tests/test_baselines.py checks that GIES returns the same graphs with it.
+    """
+    successors = [set() for _ in range(len(pdag))]
+    for i, j in zip(*(idx.tolist() for idx in np.nonzero(pdag))):
+        successors[i].add(j)
+    stack = [(fro, [], list(successors[fro]))]
+    while stack:
+        node, before, to_visit = stack[-1]
+        if node == to:
+            yield before + [node]
+            stack.pop()
+        elif not to_visit:
+            stack.pop()
+        else:
+            nxt = to_visit.pop()
+            path = before + [node]
+            stack.append((nxt, path, list(successors[nxt] - set(path))))
+
+
+def use_fast_semi_directed_paths() -> None:
+    """Make the `gies` package (0.0.3, the version pinned) use `semi_directed_paths`.
+
+    Idempotent. Any other gies version keeps its own function: its search code may
+    expect something else.
+    """
+    import gies.utils
+    from importlib.metadata import version
+
+    if version("gies") == "0.0.3":
+        gies.utils.semi_directed_paths = semi_directed_paths
+
+
 def fit_gies(x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, PooledGaussianBIC]:
     """GIES under the pooled BIC. Returns (I-essential graph f64[d, d], the score object)."""
     import gies
 
+    use_fast_semi_directed_paths()
     interv = [list(key) for key in target_groups(targets)]
     if [] not in interv:
         interv.insert(0, [])

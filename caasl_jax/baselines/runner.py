@@ -6,20 +6,27 @@ method for one design; then every environment steps the real env once. Keys foll
 `Environment.rollout` exactly (reset key, then per step an action key and an env
 key), so with the same key the observational rows and the simulation noise match
 those of `evaluate.rollout_episodes` for every other policy.
+
+These runs are slow (about 1,000 posterior fits per 100 environments), so with a
+`checkpoint` path the loop saves its progress after every design step and resumes
+from it: a resumed run gives exactly the histories of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
 import functools
+import hashlib
 import multiprocessing
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from caasl_jax.baselines.posterior import (
     Particles,
@@ -116,12 +123,17 @@ def run_design_loop(
     n_workers: int | None = None,
     progress: bool = True,
     n_particles: int = 30,
+    checkpoint: str | Path | None = None,
+    settings: Any = None,
 ) -> History:
     """Final histories [B] of `design_fn` designing every step on its own posterior.
 
     env_params: hidden parameters with a leading axis [B]. Each step fits the posterior
     of all B histories (B jobs of n_particles GIES runs on n_workers processes), designs
     each environment as soon as its posterior arrives, then steps all B envs at once.
+    checkpoint: a file for the progress after each step; an existing one written by the
+    same run (method and its `settings`, environments, key, particles) is resumed, any
+    other is refused.
     """
     check_supported(env, name)
     n_workers = (os.cpu_count() or 1) if n_workers is None else n_workers
@@ -129,12 +141,20 @@ def run_design_loop(
     reset_keys, act_keys, env_keys = _split_keys(key, batch, env.budget)
     reset, step = _batched_env(env)
     histories, states = reset(reset_keys, env_params)
+    first_step = 0
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        run_id = _run_fingerprint(f"{name}|{settings!r}|{n_particles}|{env.budget}",
+                                  env_params, key)
+        if checkpoint.exists():
+            first_step, histories, states = load_progress(checkpoint, run_id, histories, states)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=batch * env.budget, desc=name, unit="design", disable=not progress)
+    bar = tqdm(total=batch * env.budget, desc=name, unit="design", disable=not progress,
+               initial=batch * first_step)  # fmt: skip
     with bar, _executor(n_workers) as pool:
-        for t in range(env.budget):
+        for t in range(first_step, env.budget):
             boot_keys, design_keys = jnp.swapaxes(jax.vmap(jax.random.split)(act_keys[t]), 0, 1)
             jobs = {}
             for b in range(batch):
@@ -148,4 +168,53 @@ def run_design_loop(
                 actions[b] = jnp.asarray(action, jnp.float32)
                 bar.update(1)
             histories, states = step(env_keys[t], states, jnp.stack(actions), env_params)
+            if checkpoint is not None:
+                save_progress(checkpoint, run_id, t + 1, histories, states)
     return histories
+
+
+_PROGRESS_FORMAT = "caasl-jax design-loop progress v1"
+
+
+def _run_fingerprint(description: str, env_params: Any, key: jax.Array) -> str:
+    """A digest of what decides a design loop's histories: the method, its settings
+    and sizes (`description`), the environments and the key."""
+    digest = hashlib.sha256(description.encode())
+    for leaf in [jax.random.key_data(key), *jax.tree.leaves(env_params)]:
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def save_progress(path: Path, run_id: str, steps_done: int, histories: History, states) -> None:
+    """Write the loop's state after `steps_done` design steps (atomically: a crash
+    while writing leaves the previous checkpoint intact)."""
+    tree = {
+        "format": _PROGRESS_FORMAT,
+        "run": run_id,
+        "steps_done": steps_done,
+        "histories": serialization.to_state_dict(jax.device_get(histories)),
+        "states": serialization.to_state_dict(jax.device_get(states)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(serialization.msgpack_serialize(tree))
+    os.replace(partial, path)
+
+
+def load_progress(path: Path, run_id: str, histories: History, states):
+    """(steps_done, histories, states) saved by `save_progress` for the run `run_id`;
+    `histories`/`states` are templates. ValueError naming the problem otherwise."""
+    from caasl_jax.reward.checkpoint import read_tagged_msgpack
+
+    tree = read_tagged_msgpack(path, _PROGRESS_FORMAT, "design-loop progress")
+    if tree.get("run") != run_id:
+        raise ValueError(
+            f"{path}: progress of another run (method, settings, environments, key or "
+            "particle count differ); delete it or choose another checkpoint location"
+        )
+    try:
+        histories = serialization.from_state_dict(histories, tree["histories"])
+        states = serialization.from_state_dict(states, tree["states"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: damaged design-loop progress ({err})") from None
+    return int(tree["steps_done"]), histories, states
