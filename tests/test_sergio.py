@@ -20,7 +20,6 @@ from caasl_jax.envs.sergio import (
     SergioEnv,
     draw_increments,
     log_factorial,
-    poisson_counts,
 )
 
 D = 10
@@ -261,18 +260,6 @@ def test_log_factorial_matches_lgamma():
     k = jnp.arange(0.0, 100_000.0)
     exact = jax.lax.lgamma(k + 1.0)
     assert float(jnp.max(jnp.abs(log_factorial(k) - exact) / jnp.maximum(1.0, exact))) < 2e-6
-
-
-def test_poisson_counts_match_jax_poisson():
-    sample = jax.jit(poisson_counts)
-    for rate in (0.5, 4.0, 10.0, 60.0, 900.0):
-        ours = np.asarray(sample(jax.random.key(0), jnp.full((40_000,), rate)))
-        assert np.all(ours == np.round(ours)) and ours.min() >= 0
-        # mean and variance of Poisson(rate): 40,000 draws give relative sd ~0.5 %, 0.7 %
-        assert abs(ours.mean() / rate - 1) < 0.03 + 3 / np.sqrt(40_000 * rate)
-        assert abs(ours.var() / rate - 1) < 0.05 + 5 / np.sqrt(40_000 * rate)
-    zeros = np.asarray(sample(jax.random.key(1), jnp.zeros((40_000,))))
-    assert np.all(zeros == 0)
 
 
 # --- against avici's NumPy SERGIO ---------------------------------------------------------------

@@ -83,6 +83,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.scipy.special import ndtri
 
 from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
 from caasl_jax.envs.graphs import GRAPH_KINDS, sample_graph, topological_depth
@@ -184,25 +185,45 @@ def draw_increments(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Ar
     """f32[shape] unit-variance increments: ±1 (kind 'rademacher') or standard normals.
 
     Drawn flat and reshaped (JAX's counter-based bits are cheaper for a 1-D shape);
-    32 Rademacher signs come from each random 32-bit word.
+    see `increments_from_words`.
     """
+    words = jax.random.bits(key, (increment_words(shape, kind),), jnp.uint32)
+    return increments_from_words(words, shape, kind)
+
+
+def increment_words(shape: tuple[int, ...], kind: str) -> int:
+    """How many random u32 words `increments_from_words` takes for f32[shape]."""
+    n = math.prod(shape)
+    return n if kind == "gaussian" else -(-n // 32)
+
+
+def increments_from_words(words: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+    """f32[shape] increments from random words u32[increment_words(shape, kind)]: 32
+    Rademacher signs per word, or one standard normal per word (inverse normal CDF of
+    `bits_to_uniform`, so |z| < 5.3)."""
     n = math.prod(shape)
     if kind == "gaussian":
-        return jax.random.normal(key, (n,)).reshape(shape)
-    words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
+        return ndtri(bits_to_uniform(words)).reshape(shape)
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
     return (2.0 * bits.reshape(-1)[:n].astype(jnp.float32) - 1.0).reshape(shape)
 
 
-def _flat_uniform(key: jax.Array, shape: tuple[int, ...], minval: float = 0.0) -> jax.Array:
-    """U(minval, 1) f32[shape], drawn flat (several times cheaper than a 3-D draw on CPU)."""
-    return jax.random.uniform(key, (math.prod(shape),), minval=minval).reshape(shape)
+def uniform_index(words: jax.Array, size: int) -> jax.Array:
+    """i32 uniform on {0..size-1} from random words u32[...], same shape (23 random bits:
+    each value's probability is off by less than size / 2^23 of itself)."""
+    return jnp.minimum((bits_to_uniform(words) * size).astype(jnp.int32), size - 1)
 
 
 # --- technical noise ---------------------------------------------------------------------
 def library_size_effect(key: jax.Array, x: jax.Array, mean: float, scale: float) -> jax.Array:
     """Rescale each cell (row of x f32[n, d]) to a total of LogNormal(mean, scale)."""
-    library = jnp.exp(mean + scale * jax.random.normal(key, x.shape[:-1] + (1,)))
+    return rescale_library(x, jax.random.normal(key, x.shape[:-1] + (1,)), mean, scale)
+
+
+def rescale_library(x: jax.Array, normal: jax.Array, mean: float, scale: float) -> jax.Array:
+    """Rescale each cell (row of x f32[n, d]) to a total of exp(mean + scale * normal),
+    normal f32[n, 1] standard normal."""
+    library = jnp.exp(mean + scale * normal)
     total = x.sum(-1, keepdims=True)
     return x * library / jnp.where(total == 0.0, 1.0, total)
 
@@ -213,58 +234,90 @@ def dropout_midpoint(x: jax.Array, percentile: float) -> jax.Array:
 
 
 def poisson_counts(key: jax.Array, rate: jax.Array, rounds: int = 6) -> jax.Array:
-    """f32 Poisson(rate) samples of the same shape, with a fixed amount of work.
+    """f32 Poisson(rate) samples of the same shape as rate f32[...] (`poisson_from_bits`)."""
+    words = jax.random.bits(key, (rounds + 1, rate.size), jnp.uint32)
+    return poisson_from_bits(words, rate.reshape(-1)).reshape(rate.shape)
+
+
+def bits_to_uniform(words: jax.Array) -> jax.Array:
+    """f32 U(0, 1) of u32 words, same shape: 23 random bits, strictly inside (0, 1)."""
+    return ((words >> 9).astype(jnp.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+def poisson_from_bits(words: jax.Array, rate: jax.Array) -> jax.Array:
+    """f32[n] Poisson(rate) samples of rate f32[n] from random words u32[R + 1, n], with a
+    fixed amount of work (R PTRS rounds).
 
     `jax.random.poisson` loops until every entry is accepted (under vmap: the slowest
     entry of the batch) and compiles slowly. Here rates < 10 use inversion over a fixed
-    40 terms (P(X > 40) < 1e-11 at rate 10) and rates >= 10 use Hörmann's transformed
-    rejection with squeeze (PTRS, 1993) with `rounds` independent proposals drawn at
-    once, keeping the first accepted one, which is the sequential algorithm's output.
-    PTRS accepts more than 85 % of proposals, so all 6 rejected has probability
-    < 1e-5; such an entry falls back to the rounded normal approximation.
-    """
-    inversion_key, proposal_key, fallback_key = jax.random.split(key, 3)
-    small = rate < 10.0
-    # inversion: count the terms of the CDF below one uniform
-    lam = jnp.where(small, rate, 0.0)
-    u = _flat_uniform(inversion_key, rate.shape)
+    40 terms (`poisson_inversion` of the uniform of words[0]; P(X > 40) < 1e-11 at rate
+    10) and rates >= 10 use Hörmann's transformed rejection with squeeze (PTRS, 1993)
+    with R independent proposals (`ptrs_proposal` of words[1:]), keeping the first
+    accepted one, which is the sequential algorithm's output. PTRS accepts more than
+    85 % of proposals, so all R rejected has probability < 0.4 % for R = 3; such an
+    entry falls back to the rounded normal approximation, its normal the inverse CDF of
+    the words[0] uniform, which a rate >= 10 leaves unused. tests/test_poisson.py checks
+    the law against scipy over a grid of rates.
 
-    def add_term(k, carry):
+    XLA CPU performance notes: an argmax plus gather over a round axis (run unvectorised)
+    made the sampler 4x slower than this loop; the loop's inputs and outputs are buffers,
+    so the sampler cannot be fused into a consumer such as the history's stack along a
+    minor axis of size 2, which evaluates the fused producer unvectorised for every output
+    entry (4x slower again).
+    """
+    chex.assert_rank(rate, 1)
+    chex.assert_shape(words, (None, rate.shape[0]))
+    small = rate < 10.0
+    u = bits_to_uniform(words[0])
+    lam = jnp.where(small, 10.0, rate)
+    normal = jnp.maximum(jnp.round(lam + jnp.sqrt(lam) * ndtri(u)), 0.0)
+    count = jnp.where(small, poisson_inversion(u, jnp.where(small, rate, 0.0)), normal)
+
+    def propose(i, carry):
+        count, done = carry
+        proposal, accept = ptrs_proposal(words[i], lam)
+        return jnp.where(done | ~accept, count, proposal), done | accept
+
+    count, _ = jax.lax.fori_loop(1, words.shape[0], propose, (count, small))
+    return jnp.where(rate > 0, count, 0.0)
+
+
+def poisson_inversion(u: jax.Array, lam: jax.Array, terms: int = 40) -> jax.Array:
+    """Poisson(lam) f32[...] by inversion of uniforms u f32[...]: the number of CDF terms
+    P(X <= j), j = 0..terms, below u (so at most `terms`); for lam <= 10 and 40 terms the
+    truncation moves less than 1e-11 of probability. One fused, unrolled loop."""
+
+    def add_term(j, carry):
         pmf, cdf, count = carry
-        pmf = pmf * lam / k
+        pmf = pmf * lam / j
         cdf = cdf + pmf
         return pmf, cdf, count + (u > cdf)
 
     pmf0 = jnp.exp(-lam)
-    _, _, small_count = jax.lax.fori_loop(
-        1, 41, add_term, (pmf0, pmf0, (u > pmf0).astype(jnp.float32)), unroll=True
-    )
-    # PTRS for rates >= 10
-    lam = jnp.where(small, 10.0, rate)
+    init = (pmf0, pmf0, (u > pmf0).astype(jnp.float32))
+    return jax.lax.fori_loop(1, terms + 1, add_term, init, unroll=True)[2]
+
+
+def ptrs_proposal(word: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One PTRS proposal (Hörmann 1993) for Poisson(lam), lam >= 10, all f32[...]:
+    returns (count, accepted bool). The random 32-bit word u32[...] gives 16 bits for u
+    and 16 for v, both strictly inside (0, 1); for the rates met here (< 1e5)
+    consecutive u values move the proposal by less than 1 wherever it can be accepted
+    without v <= us."""
     slam, loglam = jnp.sqrt(lam), jnp.log(lam)
     b = 0.931 + 2.53 * slam
     a = -0.059 + 0.02483 * b
     inv_alpha = 1.1239 + 1.1328 / (b - 3.4)
     v_r = 0.9277 - 3.6224 / (b - 2.0)
-    # one random 32-bit word per proposal: 16 bits for u, 16 for v, both strictly inside
-    # (0, 1). For the rates met here (< 1e5) consecutive u values still move the
-    # proposal k by less than 1 wherever a proposal can be accepted without v <= us.
-    words = jax.random.bits(proposal_key, (rounds * math.prod(rate.shape),), jnp.uint32)
-    words = words.reshape((rounds,) + rate.shape)
-    u = ((words >> 16).astype(jnp.float32) + 0.5) / 65536.0 - 0.5
-    v = ((words & 0xFFFF).astype(jnp.float32) + 0.5) / 65536.0
+    u = ((word >> 16).astype(jnp.float32) + 0.5) / 65536.0 - 0.5
+    v = ((word & 0xFFFF).astype(jnp.float32) + 0.5) / 65536.0
     us = 0.5 - jnp.abs(u)
     k = jnp.floor((2.0 * a / us + b) * u + lam + 0.43)
     quick = (us >= 0.07) & (v <= v_r)
     rejected = (k < 0) | ((us < 0.013) & (v > us))
     log_accept = jnp.log(v) + jnp.log(inv_alpha) - jnp.log(a / (us * us) + b)
     log_target = -lam + k * loglam - log_factorial(k)
-    accept = quick | (~rejected & (log_accept <= log_target))
-    first = jnp.argmax(accept, axis=0)
-    large_count = jnp.take_along_axis(k, first[None], axis=0)[0]
-    normal = jnp.round(lam + slam * draw_increments(fallback_key, rate.shape, "gaussian"))
-    large_count = jnp.where(accept.any(0), large_count, jnp.maximum(normal, 0.0))
-    return jnp.where(rate > 0, jnp.where(small, small_count, large_count), 0.0)
+    return k, quick | (~rejected & (log_accept <= log_target))
 
 
 def log_factorial(k: jax.Array) -> jax.Array:
@@ -290,14 +343,25 @@ def measure_counts(
     platform: TechnicalNoise,
     poisson_rounds: int = 6,
 ) -> jax.Array:
-    """Counts f32[n, d] of clean expression f32[n, d]: outliers, library, dropout, Poisson."""
+    """Counts f32[n, d] of clean expression f32[n, d]: outliers, library, dropout, Poisson.
+
+    All the randomness comes from one draw of random words (under vmap every extra key
+    split and draw is a handful of small kernels, which dominated a design step's noise):
+    per entry one word for the dropout, R + 1 for the Poisson count; one per cell for
+    its library size.
+    """
     chex.assert_rank(clean, 2)
-    library_key, dropout_key, count_key = jax.random.split(key, 3)
+    n, d = clean.shape
+    words = jax.random.bits(key, ((poisson_rounds + 2) * n * d + n,), jnp.uint32)
+    entry_words = words[: (poisson_rounds + 2) * n * d].reshape(poisson_rounds + 2, n * d)
+    library_normal = ndtri(bits_to_uniform(words[(poisson_rounds + 2) * n * d :]))
     x = clean * outlier_factor
-    x = library_size_effect(library_key, x, platform.library_mean, platform.library_scale)
+    x = rescale_library(x, library_normal.reshape(n, 1), platform.library_mean,
+                        platform.library_scale)
     keep_prob = jax.nn.sigmoid(platform.dropout_shape * (jnp.log1p(x) - midpoint))
-    keep = jax.random.bernoulli(dropout_key, keep_prob)
-    return poisson_counts(count_key, jnp.where(keep, x, 0.0), poisson_rounds)
+    keep = bits_to_uniform(entry_words[0]) < keep_prob.reshape(-1)
+    rate = jnp.where(keep, x.reshape(-1), 0.0)
+    return poisson_from_bits(entry_words[1:], rate).reshape(n, d)
 
 
 # --- the environment -------------------------------------------------------------------------
@@ -546,7 +610,10 @@ class SergioEnv(Environment):
         d, k_steps, s = self.d, self.langevin_steps, self.n_steps
         m = cell_types.shape[0]
         n = m * cells_per_trajectory
-        time_key, start_key, noise_key = jax.random.split(key, 3)
+        # one draw of random words for the snapshot steps, warm starts and increments
+        # (each extra key split or draw is several small kernels under vmap)
+        n_increment = increment_words((k_steps, n, d), self.increments)
+        words = jax.random.bits(key, (n + n * d + n_increment,), jnp.uint32)
         basal = params.basal[cell_types]  # [m, d]
         if m == 1:  # f32[d] states (see `single` below)
             x0 = self.steady_state_guess(params, basal[0], factor)[None]
@@ -556,14 +623,14 @@ class SergioEnv(Environment):
         basal = jnp.repeat(basal, cells_per_trajectory, axis=0)
         # snapshot step tau ~ U{0..S-1}; the last min(tau, K) steps are simulated, the
         # first tau - min(tau, K) replaced by the linear-noise law of x at that step
-        tau = jax.random.randint(time_key, (n, 1), 0, s)
+        tau = uniform_index(words[:n], s).reshape(n, 1)
         simulated = jnp.minimum(tau, k_steps)
         a2 = (1.0 - self.decay * self.dt) ** 2
         var_rate = self.noise_scale**2 * 2.0 * self.decay * self.dt / (1.0 - a2)
         var = var_rate * x0 * (1.0 - a2 ** (tau - simulated).astype(jnp.float32))
-        z = jax.random.normal(start_key, (n, d))
+        z = ndtri(bits_to_uniform(words[n : n + n * d])).reshape(n, d)
         start = jnp.maximum(0.0, x0 + jnp.sqrt(var) * z)
-        xi = draw_increments(noise_key, (k_steps, n, d), self.increments)
+        xi = increments_from_words(words[n + n * d :], (k_steps, n, d), self.increments)
         active = jnp.arange(k_steps)[:, None, None] >= (k_steps - simulated)[None]  # [K, n, 1]
         regulation = regulation_matrices(params.interactions)
         single = n == 1  # f32[d] states: XLA's CPU code for a vmapped [1, d] @ [d, d] is slow
@@ -626,7 +693,8 @@ class SergioEnv(Environment):
     def design_clean(self, key: jax.Array, params: SergioParams, performed: jax.Array):
         """Clean expression f32[k, d] of k = samples_per_step cells under `performed`."""
         type_key, sim_key = jax.random.split(key)
-        types = jax.random.randint(type_key, (self.samples_per_step,), 0, self.n_cell_types)
+        words = jax.random.bits(type_key, (self.samples_per_step,), jnp.uint32)
+        types = uniform_index(words, self.n_cell_types)
         cells = self.simulate_clean(sim_key, params, self.production_factor(performed), types, 1)
         return cells[:, 0]
 
