@@ -484,7 +484,9 @@ def evaluate_suite(
             if any(s[:2] == (env_name, name) for s in skipped):
                 continue
             if name in slow:
-                checkpoint = checkpoint_dir and Path(checkpoint_dir) / f"{env_name}--{name}.msgpack"
+                checkpoint = None
+                if checkpoint_dir is not None:
+                    checkpoint = Path(checkpoint_dir) / f"{env_name}--{name}.msgpack"
                 histories = slow[name](
                     env, params, rollout_key(seed), n_workers=n_workers, progress=progress,
                     checkpoint=checkpoint,

@@ -6,7 +6,7 @@ results/<name>/{results.json, results.csv, <name>.png, table.md}. Command-line f
 override the config (e.g. `--policy runs/my-run --n-envs 20`).
 
 The likelihood baselines (DiffCBED, SS Finite) take hours on 100 environments: they
-save their progress to results/<name>/checkpoints/ after every design step, and
+save their progress to results/<name>/baseline-progress/ after every design step, and
 rerunning the same command resumes there (the folder goes once results.json is
 written; `--overwrite` starts afresh).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -101,6 +100,34 @@ def write_figure(name: str, out: Path, results: dict, config: FigureConfig) -> s
     return table
 
 
+#: where a figure's likelihood baselines keep their per-step progress, under its --out
+PROGRESS_DIR = "baseline-progress"
+
+
+def progress_files(folder: Path) -> list[Path]:
+    """The design-loop progress files (`<env>--<design>.msgpack`, see
+    `caasl_jax.baselines.runner`) in `folder`; ValueError if it holds anything else, so
+    that a wrong --out is never mistaken for saved progress."""
+    if not folder.is_dir():
+        return []
+    entries = sorted(folder.iterdir())
+    strangers = [p.name for p in entries if not (p.is_file() and "--" in p.name
+                                                 and p.name.endswith((".msgpack", ".partial")))]
+    if strangers:
+        raise ValueError(f"{folder} holds files that are not baseline progress: {strangers}")
+    return [p for p in entries if p.suffix == ".msgpack"]
+
+
+def discard_progress(folder: Path) -> None:
+    """Delete the progress files (only those) and then the folder itself."""
+    for path in progress_files(folder):
+        path.unlink()
+    for leftover in folder.glob("*--*.partial") if folder.is_dir() else []:
+        leftover.unlink()
+    if folder.is_dir():
+        folder.rmdir()
+
+
 def run_figure(name: str, argv=None) -> dict:
     """Run one figure's experiment; returns the results dict it wrote."""
     from caasl_jax.evaluate import check_output_dir, evaluate_suite, write_results
@@ -119,12 +146,13 @@ def run_figure(name: str, argv=None) -> dict:
         results = json.loads((out / "results.json").read_text())["results"]
         print(write_figure(name, out, results, config))
         return results
-    checkpoints = out / "checkpoints"
-    if args.overwrite and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    resumed = checkpoints.exists() and not (out / "results.json").exists()
+    progress = out / PROGRESS_DIR
+    if args.overwrite:
+        discard_progress(progress)
+    resumed = bool(progress_files(progress))
     if resumed:
-        print(f"resuming the likelihood baselines from {checkpoints}/")
+        print(f"resuming the likelihood baselines from {progress}/ (results written at "
+              "the end replace any earlier ones in that folder)")  # fmt: skip
     else:
         check_output_dir(out, args.overwrite)
     designs = ([config.policy] if config.policy else []) + list(config.baselines)
@@ -138,12 +166,12 @@ def run_figure(name: str, argv=None) -> dict:
         reward_model=config.reward_model,
         env_overrides=config.env_overrides,
         progress=True,
-        checkpoint_dir=checkpoints,
+        checkpoint_dir=progress,
     )
     meta.update(figure=name, title=config.title, wall_time_s=round(time.perf_counter() - start, 1),
                 resumed=resumed)  # wall time of the last (resumed) part only
     write_results(out, results, meta)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the results now hold everything
+    discard_progress(progress)  # the results now hold everything
     print(write_figure(name, out, results, config))
     print(f"wrote {out}/ (results.json, results.csv, {name}.png, table.md) in "
           f"{meta['wall_time_s']:.0f} s")  # fmt: skip

@@ -388,6 +388,10 @@ def test_design_loop_resumes_from_its_checkpoint(tmp_path):
     # progress of another run (other settings) or a damaged file is refused, by name
     with pytest.raises(ValueError, match="another run"):
         run(config=ss_finite.SSFiniteConfig(n_datasets=5), checkpoint=checkpoint)
+    other_env = make_env("linear-sparse-d3", n0=6, budget=3, intervention="shift")
+    with pytest.raises(ValueError, match="another run"):  # same params, other env setting
+        LIKELIHOOD_BASELINES["ss-finite"](other_env, params, key, n_particles=3, n_workers=1,
+                                          progress=False, config=config, checkpoint=checkpoint)
     checkpoint.write_bytes(b"not msgpack")
     with pytest.raises(ValueError, match="not a caasl-jax design-loop progress file"):
         run(config=config, checkpoint=checkpoint)

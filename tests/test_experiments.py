@@ -59,3 +59,21 @@ def test_results_table_marks_the_best_design():
         {"fig3_linear": {"linear-d10": {"caasl": summary(2.0), "random": summary(3.0)}}}
     )
     assert table.splitlines()[-1] == "| fig3 | linear-d10 | 2.00 ± 0.10 | **3.00 ± 0.10** |"
+
+
+def test_baseline_progress_is_resumed_or_discarded_but_nothing_else_touched(tmp_path):
+    progress = tmp_path / common.PROGRESS_DIR
+    assert common.progress_files(progress) == []
+    progress.mkdir()
+    saved = progress / "linear-d10--diffcbed.msgpack"
+    saved.write_bytes(b"x")
+    (progress / "linear-d10--ss-finite.msgpack.partial").write_bytes(b"x")
+    assert common.progress_files(progress) == [saved]
+    common.discard_progress(progress)
+    assert not progress.exists()
+    # a folder holding anything else (say, a training run's orbax checkpoints) is refused
+    progress.mkdir()
+    (progress / "metrics.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match="not baseline progress"):
+        common.discard_progress(progress)
+    assert (progress / "metrics.jsonl").exists()

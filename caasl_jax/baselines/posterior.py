@@ -28,6 +28,7 @@ likelihood and simulation below are JAX and vectorised over particles.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -146,7 +147,7 @@ def semi_directed_paths(fro: int, to: int, pdag: np.ndarray):
     (i -> j) or undirected (i - j) in `pdag` (pdag[i, j] != 0: an edge leaves i), as
     lists of nodes, generated lazily.
 
-    The same paths, in the same depth-first order, as `gies.utils.semi_directed_paths`
+    The same paths, by the same depth-first search, as `gies.utils.semi_directed_paths`
     (0.0.3), which GIES's insert and turn operators iterate to test that each path
     meets a given node set. That version rebuilds every node's successor set with 20
     numpy calls per call and returns the full list; this one needs one numpy call and
@@ -178,10 +179,16 @@ def use_fast_semi_directed_paths() -> None:
     expect something else.
     """
     import gies.utils
+
+    if _gies_version() == "0.0.3":
+        gies.utils.semi_directed_paths = semi_directed_paths
+
+
+@functools.cache
+def _gies_version() -> str:
     from importlib.metadata import version
 
-    if version("gies") == "0.0.3":
-        gies.utils.semi_directed_paths = semi_directed_paths
+    return version("gies")
 
 
 def fit_gies(x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, PooledGaussianBIC]:

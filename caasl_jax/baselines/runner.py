@@ -144,8 +144,7 @@ def run_design_loop(
     first_step = 0
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        run_id = _run_fingerprint(f"{name}|{settings!r}|{n_particles}|{env.budget}",
-                                  env_params, key)
+        run_id = _run_fingerprint(f"{name}|{settings!r}|{n_particles}|{env.with_score(None)!r}", env_params, key)
         if checkpoint.exists():
             first_step, histories, states = load_progress(checkpoint, run_id, histories, states)
 
@@ -173,12 +172,13 @@ def run_design_loop(
     return histories
 
 
-_PROGRESS_FORMAT = "caasl-jax design-loop progress v1"
+_PROGRESS_FORMAT = "caasl-jax design-loop progress v2"
 
 
 def _run_fingerprint(description: str, env_params: Any, key: jax.Array) -> str:
-    """A digest of what decides a design loop's histories: the method, its settings
-    and sizes (`description`), the environments and the key."""
+    """A digest of what decides a design loop's histories: the method, its settings,
+    the particle count and the env with all its settings (`description`), the hidden
+    parameters of the environments and the key."""
     digest = hashlib.sha256(description.encode())
     for leaf in [jax.random.key_data(key), *jax.tree.leaves(env_params)]:
         digest.update(np.ascontiguousarray(leaf).tobytes())
@@ -197,7 +197,10 @@ def save_progress(path: Path, run_id: str, steps_done: int, histories: History, 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(serialization.msgpack_serialize(tree))
+    with partial.open("wb") as f:
+        f.write(serialization.msgpack_serialize(tree))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(partial, path)
 
 
@@ -210,11 +213,16 @@ def load_progress(path: Path, run_id: str, histories: History, states):
     if tree.get("run") != run_id:
         raise ValueError(
             f"{path}: progress of another run (method, settings, environments, key or "
-            "particle count differ); delete it or choose another checkpoint location"
+            "particle count differ); delete it, choose another checkpoint location, or "
+            "(experiments/) rerun with --overwrite"
         )
     try:
-        histories = serialization.from_state_dict(histories, tree["histories"])
-        states = serialization.from_state_dict(states, tree["states"])
-    except (KeyError, ValueError) as err:
+        steps_done = int(tree["steps_done"])
+        restored = (serialization.from_state_dict(histories, tree["histories"]),
+                    serialization.from_state_dict(states, tree["states"]))  # fmt: skip
+        for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves((histories, states))):
+            if np.shape(got) != np.shape(want) or np.asarray(got).dtype != want.dtype:
+                raise ValueError(f"an array of shape {np.shape(got)}, expected {want.shape}")
+    except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: damaged design-loop progress ({err})") from None
-    return int(tree["steps_done"]), histories, states
+    return steps_done, *restored

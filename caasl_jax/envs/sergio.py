@@ -233,7 +233,7 @@ def dropout_midpoint(x: jax.Array, percentile: float) -> jax.Array:
     return jnp.percentile(jnp.log1p(x).reshape(-1), percentile)
 
 
-def poisson_counts(key: jax.Array, rate: jax.Array, rounds: int = 6) -> jax.Array:
+def poisson_counts(key: jax.Array, rate: jax.Array, rounds: int = 3) -> jax.Array:
     """f32 Poisson(rate) samples of the same shape as rate f32[...] (`poisson_from_bits`)."""
     words = jax.random.bits(key, (rounds + 1, rate.size), jnp.uint32)
     return poisson_from_bits(words, rate.reshape(-1)).reshape(rate.shape)
@@ -341,7 +341,7 @@ def measure_counts(
     outlier_factor: jax.Array,
     midpoint: jax.Array,
     platform: TechnicalNoise,
-    poisson_rounds: int = 6,
+    poisson_rounds: int = 3,
 ) -> jax.Array:
     """Counts f32[n, d] of clean expression f32[n, d]: outliers, library, dropout, Poisson.
 
