@@ -5,7 +5,8 @@
 
 Rows: every environment of figures 3, 4 and 6 (and the dimension sweeps when run);
 cells: the final return R(h_T) - R(h_0) after T = 10 acquisitions, mean ± s.e. over
-the 100 held-out environments. The bold cell is the best design of the row.
+the 100 held-out environments (figures run on fewer are labelled "(N envs)"). The
+bold cell is the best design of the row.
 """
 
 from __future__ import annotations
@@ -37,28 +38,33 @@ HEADERS = {
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 
 
-def load_results(results_dir: Path = HERE / "results") -> dict[str, dict]:
-    """{figure: results} of every figure whose results.json exists."""
-    found = {}
+def load_results(results_dir: Path = HERE / "results") -> tuple[dict[str, dict], dict[str, int]]:
+    """({figure: results}, {figure: held-out environments}) of every figure whose
+    results.json exists."""
+    found, n_envs = {}, {}
     for figure in FIGURES:
         path = results_dir / figure / "results.json"
         if path.is_file():
-            found[figure] = json.loads(path.read_text())["results"]
-    return found
+            stored = json.loads(path.read_text())
+            found[figure] = stored["results"]
+            n_envs[figure] = stored["meta"]["n_envs"]
+    return found, n_envs
 
 
-#: reruns with the slow likelihood baselines, on fewer held-out environments
-FEW_ENVS = {"fig3_linear_likelihood": 5, "fig4_linear_ood_likelihood": 2}
+#: the paper's number of held-out environments; figures run on fewer are marked
+PAPER_N_ENVS = 100
 
 
-def figure_label(figure: str) -> str:
-    """'fig3_linear' -> 'fig3'; the few-environment likelihood reruns are marked as such."""
+def figure_label(figure: str, n_envs: int = PAPER_N_ENVS) -> str:
+    """'fig3_linear' -> 'fig3'; a run on fewer environments than the paper's is marked."""
     label = figure.split("_")[0]
-    return f"{label} ({FEW_ENVS[figure]} envs)" if figure in FEW_ENVS else label
+    return label if n_envs == PAPER_N_ENVS else f"{label} ({n_envs} envs)"
 
 
-def results_table(by_figure: dict[str, dict]) -> str:
-    """Markdown: one row per (figure, env), one column per design present anywhere."""
+def results_table(by_figure: dict[str, dict], n_envs: dict[str, int] | None = None) -> str:
+    """Markdown: one row per (figure, env), one column per design present anywhere.
+    n_envs: held-out environments per figure (default: the paper's 100)."""
+    n_envs = n_envs or {}
     rows = [r for results in by_figure.values() for r in results.values()]
     present = [d for d in DESIGNS if any(d in r for r in rows)]
     lines = [
@@ -80,7 +86,8 @@ def results_table(by_figure: dict[str, dict]) -> str:
                 mean, se = finals[design]
                 cell = f"{mean:.2f} ± {se:.2f}"
                 cells.append(f"**{cell}**" if design == best else cell)
-            lines.append(f"| {figure_label(figure)} | {env} | " + " | ".join(cells) + " |")
+            label = figure_label(figure, n_envs.get(figure, PAPER_N_ENVS))
+            lines.append(f"| {label} | {env} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = parser.parse_args(argv)
-    table = results_table(load_results())
+    table = results_table(*load_results())
     print(table)
     if args.readme:
         replace_in_readme(table)

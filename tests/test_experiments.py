@@ -44,11 +44,11 @@ def test_final_step_table():
 
 
 def test_readme_table_equals_the_committed_results():
-    by_figure = results_table.load_results()
+    by_figure, n_envs = results_table.load_results()
     assert {"fig3_linear", "fig4_linear_ood"} <= set(by_figure), "run the experiments first"
     readme = results_table.README.read_text()
     block = readme.split(results_table.BEGIN, 1)[1].split(results_table.END, 1)[0]
-    assert block.strip() == results_table.results_table(by_figure)
+    assert block.strip() == results_table.results_table(by_figure, n_envs)
 
 
 def test_results_table_marks_the_best_design():
@@ -59,6 +59,8 @@ def test_results_table_marks_the_best_design():
         {"fig3_linear": {"linear-d10": {"caasl": summary(2.0), "random": summary(3.0)}}}
     )
     assert table.splitlines()[-1] == "| fig3 | linear-d10 | 2.00 ± 0.10 | **3.00 ± 0.10** |"
+    few = {"fig3_linear": {"linear-d10": {"caasl": summary(2.0)}}}
+    assert "| fig3 (5 envs) |" in results_table.results_table(few, {"fig3_linear": 5})
 
 
 def test_baseline_progress_is_resumed_or_discarded_but_nothing_else_touched(tmp_path):
