@@ -56,8 +56,9 @@ PAPER_N_ENVS = 100
 
 
 def figure_label(figure: str, n_envs: int = PAPER_N_ENVS) -> str:
-    """'fig3_linear' -> 'fig3'; a run on fewer environments than the paper's is marked."""
-    label = figure.split("_")[0]
+    """'fig3_linear' -> 'fig3', 'fig3_linear_likelihood' -> 'fig3 + likelihood'; a run
+    on fewer environments than the paper's is marked."""
+    label = figure.split("_")[0] + (" + likelihood" if figure.endswith("_likelihood") else "")
     return label if n_envs == PAPER_N_ENVS else f"{label} ({n_envs} envs)"
 
 
