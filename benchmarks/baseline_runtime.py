@@ -5,7 +5,8 @@
 
 Prints JSON. For each environment, on histories after t = 0 and t = T-1 random
 design steps (the posterior refit gets slower as target sets accumulate):
-- posterior: one bootstrapped-GIES refit (L = 30 GIES runs, one process);
+- posterior: one bootstrapped-GIES refit (L = 30 GIES runs, one process), also with
+  the gies package's own path search instead of the faster one posterior.py installs;
 - diffcbed / ss_finite: the design given that posterior (jitted; compile excluded,
   reported separately);
 - caasl_forward: one forward pass of the paper-sized CAASL policy (random weights:
@@ -22,17 +23,22 @@ import argparse
 import os
 import subprocess
 import time
+from unittest import mock
 
+import gies.utils
 import jax
 import jax.numpy as jnp
 
 from benchmarks.common import emit, machine_info, time_call
 from caasl_jax import evaluate as ev
 from caasl_jax.agents import Policy, paper_configs, sample_action
-from caasl_jax.baselines import LIKELIHOOD_BASELINES, diffcbed, ss_finite
+from caasl_jax.baselines import LIKELIHOOD_BASELINES, diffcbed, posterior, ss_finite
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, particles_from_numpy
 from caasl_jax.envs import make_env
 from caasl_jax.envs.core import History
+
+#: gies's own path search, kept before any fit replaces it (`refit_with_package_paths`)
+GIES_OWN_PATHS = gies.utils.semi_directed_paths
 
 
 def load() -> str:
@@ -50,13 +56,15 @@ def histories_at(env, n_envs: int, seed: int, step: int) -> History:
 
 def wall(fn, repeats: int) -> dict:
     """Median / min wall seconds of a host-side call (blocks on JAX outputs)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"median_s": times[len(times) // 2], "min_s": times[0], "repeats": repeats}
+    return time_call(fn, repeats=repeats, warmup=0)
+
+
+def refit_with_package_paths(x, targets, n_particles: int, repeats: int) -> dict:
+    """The posterior refit with the `gies` package's own semi_directed_paths, i.e.
+    without the faster path search that `posterior.fit_gies` installs."""
+    with mock.patch.object(posterior, "use_fast_semi_directed_paths", lambda: None), \
+            mock.patch.object(gies.utils, "semi_directed_paths", GIES_OWN_PATHS):  # fmt: skip
+        return wall(lambda: fit_posterior(x, targets, n_particles, 0), repeats)
 
 
 def caasl_forward(env, repeats: int) -> dict:
@@ -78,7 +86,12 @@ def per_step_figures(env, step: int, repeats: int, n_particles: int) -> dict:
     x, targets = history_rows(history)
     fit = wall(lambda: fit_posterior(x, targets, n_particles, 0), repeats)
     particles = particles_from_numpy(fit_posterior(x, targets, n_particles, 0))
-    out = {"rows": int(x.shape[0]), "posterior_refit": fit}
+    out = {
+        "rows": int(x.shape[0]),
+        "posterior_refit": fit,
+        "posterior_refit_package_paths": refit_with_package_paths(x, targets, n_particles,
+                                                                  repeats),
+    }  # fmt: skip
     for name, design in [("diffcbed", diffcbed.design), ("ss_finite", ss_finite.design)]:
         start = time.perf_counter()
         jax.block_until_ready(design(env, particles, jax.random.key(99))[0])

@@ -11,26 +11,19 @@ limits the gradient step" in RESULTS.md. Prints JSON (milliseconds, medians).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info
+from benchmarks.common import emit, machine_info, time_call
 from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
 
 N_ROWS, D, WIDTH = 60, 10, 32
 
 
 def median_ms(fn, *args, repeats: int) -> float:
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[repeats // 2]
+    """Median milliseconds of jitted `fn(*args)`, compile excluded (`common.time_call`)."""
+    return 1000 * time_call(jax.jit(fn), *args, repeats=repeats)["median_s"]
 
 
 def fwd_and_grad(module, params, *inputs, repeats: int, rngs=None) -> dict:

@@ -48,7 +48,10 @@ def load_avici_sergio(ref_dir: Path):
     return module.Sergio
 
 
-def jax_figures(env: SergioEnv, batch: int, repeats: int) -> dict:
+def design_steps_fn(env: SergioEnv, batch: int):
+    """(steps, states, params): `steps(key, states)` jitted, B = batch environments
+    taking env.budget design steps together (one scan of the vmapped `env.step`, fixed
+    random actions); states and params of B held-out systems after `reset`."""
     keys = jax.random.split(jax.random.key(0), batch)
     params = jax.jit(jax.vmap(env.sample_params))(keys)
     _, states = jax.jit(jax.vmap(env.reset))(keys, params)
@@ -63,6 +66,12 @@ def jax_figures(env: SergioEnv, batch: int, repeats: int) -> dict:
 
         states, _ = jax.lax.scan(body, states, jax.random.split(key, env.budget))
         return states.history.data
+
+    return steps, states, params
+
+
+def jax_figures(env: SergioEnv, batch: int, repeats: int) -> dict:
+    steps, states, params = design_steps_fn(env, batch)
 
     @jax.jit
     def reset(key):

@@ -119,12 +119,12 @@ def progress_files(folder: Path) -> list[Path]:
 
 
 def discard_progress(folder: Path) -> None:
-    """Delete the progress files (only those) and then the folder itself."""
-    for path in progress_files(folder):
-        path.unlink()
-    for leftover in folder.glob("*--*.partial") if folder.is_dir() else []:
-        leftover.unlink()
+    """Delete the progress folder, once `progress_files` has checked it holds nothing
+    else (saved progress and `.partial` leftovers of an interrupted write)."""
+    progress_files(folder)
     if folder.is_dir():
+        for path in folder.iterdir():
+            path.unlink()
         folder.rmdir()
 
 

@@ -144,7 +144,8 @@ def run_design_loop(
     first_step = 0
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        run_id = _run_fingerprint(f"{name}|{settings!r}|{n_particles}|{env.with_score(None)!r}", env_params, key)
+        description = f"{name}|{settings!r}|{n_particles}|{env.with_score(None)!r}"
+        run_id = _run_fingerprint(description, env_params, key)
         if checkpoint.exists():
             first_step, histories, states = load_progress(checkpoint, run_id, histories, states)
 

@@ -1,0 +1,79 @@
+"""Where a SERGIO design step's time goes: a `jax.profiler` trace, summed per XLA kernel.
+
+    python -m benchmarks.sergio_profile [--batch 1000] [--calls 10] [--top 15]
+
+Traces the same jitted scan as `benchmarks.sergio_throughput` (B environments taking
+the budget's design steps together) and prints JSON: milliseconds per call of the
+scan, and the `--top` kernels by time per design step (microseconds), with how many
+times each runs per step. These are the figures behind "Status" in RESULTS_SERGIO.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from benchmarks.common import emit, machine_info
+from benchmarks.sergio_throughput import design_steps_fn
+from caasl_jax.envs.registry import make_env
+
+
+def kernel_times(trace_dir: Path, calls: int, steps: int, top: int) -> list[dict]:
+    """The `top` XLA kernels of a perfetto trace by total time, per design step."""
+    path = sorted(trace_dir.glob("**/*.json.gz"))[-1]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, count = collections.Counter(), collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and not name.startswith("$") and "Thunk" not in name \
+                and not name.startswith(("Pjit", "while")):  # fmt: skip
+            total[name] += event["dur"]
+            count[name] += 1
+    return [
+        {"kernel": name, "us_per_step": us / (calls * steps),
+         "per_step": count[name] / (calls * steps)}
+        for name, us in total.most_common(top)
+    ]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    env = make_env("sergio-d10")
+    steps, states, _ = design_steps_fn(env, args.batch)
+    key = jax.random.key(2)
+    for _ in range(3):
+        jax.block_until_ready(steps(key, states))
+    start = time.perf_counter()
+    for _ in range(args.calls):
+        jax.block_until_ready(steps(key, states))
+    call_ms = 1000 * (time.perf_counter() - start) / args.calls
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.calls):
+                jax.block_until_ready(steps(key, states))
+        kernels = kernel_times(Path(trace_dir), args.calls, env.budget, args.top)
+    emit({
+        "benchmark": "sergio_profile",
+        "batch": args.batch,
+        "design_steps_per_call": env.budget,
+        "ms_per_call": call_ms,
+        "ms_per_design_step": call_ms / env.budget,
+        "top_kernels": kernels,
+        "machine": machine_info(),
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
