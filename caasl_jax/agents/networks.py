@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from caasl_jax.dropout import HashDropout
+
 ACTION_KINDS = ("targets_values", "targets")
 
 
@@ -232,7 +234,7 @@ class SelfAttention(nn.Module):
             big_negative = jnp.finfo(logits.dtype).min
             logits = jnp.where(key_mask[..., None, None, :], logits, big_negative)
         weights = jax.nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(self.dropout, deterministic=self.deterministic)(weights)
+        weights = HashDropout(self.dropout, deterministic=self.deterministic)(weights)
         out = jnp.swapaxes(weights @ v, -3, -2)  # [..., S, H, C]
         return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(out)
 
@@ -255,12 +257,12 @@ class TransformerBlock(nn.Module):
         h = SelfAttention(self.num_heads, self.dropout, self.deterministic, name="attention")(
             h, key_mask
         )
-        x = x + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        x = x + HashDropout(self.dropout, deterministic=self.deterministic)(h)
         h = nn.LayerNorm()(x)
         h = nn.Dense(self.ffn_width)(h)
         h = nn.relu(h)
         h = nn.Dense(dim)(h)
-        return x + nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        return x + HashDropout(self.dropout, deterministic=self.deterministic)(h)
 
 
 class Encoder(nn.Module):

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from caasl_jax.dropout import HashDropout
 from caasl_jax.reward.standardize import standardize
 
 Params = Any
@@ -150,11 +151,11 @@ class Block(nn.Module):
         attn = MultiHeadAttention(cfg.heads, cfg.key_size, cfg.dim, name="attn")(
             _layer_norm("ln_q")(z), _layer_norm("ln_k")(z), _layer_norm("ln_v")(z), key_mask
         )
-        z = z + nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
+        z = z + HashDropout(cfg.dropout)(attn, deterministic=deterministic)
         h = _layer_norm("ln_ffn")(z)
         h = nn.Dense(cfg.widening * cfg.dim, kernel_init=_KAIMING_UNIFORM, name="ffn_in")(h)
         h = nn.Dense(cfg.dim, kernel_init=_KAIMING_UNIFORM, name="ffn_out")(jax.nn.relu(h))
-        return z + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        return z + HashDropout(cfg.dropout)(h, deterministic=deterministic)
 
 
 class AviciNet(nn.Module):
