@@ -3,13 +3,13 @@
 import functools
 import itertools
 
+import gies.utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 from gies.scores.gauss_int_l0_pen import GaussIntL0Pen
-import gies.utils
 from gies.utils import replace_unprotected
 
 from caasl_jax import evaluate as ev

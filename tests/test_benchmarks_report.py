@@ -64,10 +64,14 @@ def test_render_reports_speedups_and_target_status():
     assert "| 8.05 s, 2.00 GB peak RSS" in text
     assert "**6.0x** time" in text and "7.2x less memory" in text
     assert "**11.4x**" in text  # 45.7 / 4.0
-    assert "(measured 8.05 s: met)" in text and "(2.00 GB: met)" in text
+    assert "(measured 8.05 s on one device, 5.37 s on 2: met)" in text
+    assert "(2.00 GB: met)" in text
+    assert "split over 2 CPU devices (`caasl train --local-devices 2`)" in text
+    assert "| 5.37 s, 2.00 GB peak RSS | **9.0x** time |" in text  # 48.3 / 5.37
     assert "10x (met)" in text
     slow = report.render(_results(grad_s=20.0, act_s=6.0), "now")
-    assert "(measured 20.00 s: NOT met)" in slow and "10x (NOT met)" in slow
+    assert "(measured 20.00 s on one device, 13.33 s on 2: NOT met)" in slow
+    assert "10x (NOT met)" in slow
 
 
 def test_from_json_without_saved_results_names_what_is_missing(tmp_path, monkeypatch):
