@@ -332,6 +332,13 @@ step without micro-batching), measured on this VM during development:
   whole step at B = 64 that was worth about 10% (3.81-4.04 s -> 3.44-3.53 s, two runs
   each, the commit before vs after, same idle VM): the encoder-level figures do not add
   up linearly, XLA overlaps more of the larger program on the two cores.
+- **Softmax normalisation.** Dividing the [..., 60, 60] weights by their row sums
+  materialised a broadcast of the sums as big as the logits, forward and backward
+  (~2 ms per sample-axis block per 4 histories in a `jax.profiler` trace). The division
+  now comes after the value product, on [..., 60, 4] (flash-attention style; dropout of
+  the weights commutes with it, tests/test_networks.py checks both against plain
+  attention): the critic encoder's gradient 77-80 -> 71-72 ms in three runs each; the
+  whole step at B = 64 moved within the VM's noise (3.46-3.85 s vs 3.91 s).
 - **Backward pass.** The encoder's gradient cost about 6x its forward pass (88-89 vs
   14-15 ms per 4 histories, two runs) while its blocks alone cost about 4.4x; the remainder is in the
   masked max-pool, the layout changes between the variable and sample axes, and the

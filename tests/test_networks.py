@@ -14,6 +14,7 @@ from caasl_jax.agents.networks import (
     EncoderConfig,
     Policy,
     PolicyConfig,
+    SelfAttention,
     masked_max_pool,
     mode_action,
     paper_configs,
@@ -78,9 +79,7 @@ def test_padding_content_changes_nothing(encoder):
     junk = data.at[LENGTH:].set(1e3 * jax.random.normal(jax.random.key(9), (N - LENGTH, D, 2)))
     np.testing.assert_array_equal(enc.apply(params, junk, mask), out)
     # and padding is not treated as data: dropping the padded rows gives the same
-    np.testing.assert_allclose(
-        enc.apply(params, data[:LENGTH], mask[:LENGTH]), out, atol=ATOL
-    )
+    np.testing.assert_allclose(enc.apply(params, data[:LENGTH], mask[:LENGTH]), out, atol=ATOL)
     # while a valid row does matter
     changed = data.at[0, 0, 0].add(1.0)
     assert not np.allclose(enc.apply(params, changed, mask), out)
@@ -93,6 +92,51 @@ def test_encoder_batched_matches_single(encoder):
     out = enc.apply(params, jnp.stack([d1, d2]), jnp.stack([m1, m2]))
     np.testing.assert_allclose(out[0], enc.apply(params, d1, m1), atol=ATOL)
     np.testing.assert_allclose(out[1], enc.apply(params, d2, m2), atol=ATOL)
+
+
+def _reference_attention(params, x, key_mask, heads, keep=None):
+    """Plain multi-head attention: softmax weights (dropped by `keep`, scaled) times values."""
+    p = params["params"]
+    q = jnp.einsum("sd,dhc->hsc", x, p["query"]["kernel"]) + p["query"]["bias"][:, None]
+    k = jnp.einsum("sd,dhc->hsc", x, p["key"]["kernel"])
+    v = jnp.einsum("sd,dhc->hsc", x, p["value"]["kernel"]) + p["value"]["bias"][:, None]
+    logits = q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(jnp.where(key_mask, logits, -jnp.inf), -1)
+    if keep is not None:
+        weights = jnp.where(keep, weights / 0.75, 0.0)
+    out = jnp.swapaxes(weights @ v, 0, 1)  # [S, H, C]
+    return jnp.einsum("shc,hcd->sd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def test_self_attention_matches_plain_softmax_attention(monkeypatch):
+    """The row-sum division after the value product (networks.SelfAttention) is the
+    usual softmax attention, with padded keys ignored and dropout on the weights."""
+    import flax.linen as nn
+
+    from caasl_jax.agents import networks
+
+    x = jax.random.normal(jax.random.key(3), (6, 8))
+    key_mask = jnp.arange(6) < 4
+    layer = SelfAttention(num_heads=2, dropout=0.0, deterministic=True)
+    params = layer.init(jax.random.key(4), x, key_mask)
+    got = layer.apply(params, x, key_mask)
+    np.testing.assert_allclose(got, _reference_attention(params, x, key_mask, 2), atol=ATOL)
+
+    # dropout with a known mask: it must act on the normalised weights
+    keep = jax.random.bernoulli(jax.random.key(5), 0.75, (2, 6, 6))
+
+    class FixedMaskDropout(nn.Module):
+        rate: float
+        deterministic: bool = False
+
+        def __call__(self, weights):
+            return jnp.where(keep, weights / (1.0 - self.rate), 0.0)
+
+    monkeypatch.setattr(networks, "HashDropout", FixedMaskDropout)
+    dropped = SelfAttention(num_heads=2, dropout=0.25, deterministic=False)
+    got = dropped.apply(params, x, key_mask)
+    want = _reference_attention(params, x, key_mask, 2, keep=keep)
+    np.testing.assert_allclose(got, want, atol=ATOL)
 
 
 def test_masked_max_pool():
@@ -241,7 +285,9 @@ def test_q_targets_only_kind_and_padding():
 def test_paper_sizes():
     pol_cfg, critic_cfg = paper_configs("linear")
     assert (pol_cfg.encoder.dim, pol_cfg.encoder.num_layers, pol_cfg.encoder.num_heads) == (
-        32, 4, 8,
+        32,
+        4,
+        8,
     )
     assert pol_cfg.encoder.ffn_multiplier == 4 and critic_cfg.encoder.ffn_multiplier == 2
     assert pol_cfg.encoder.dropout == 0.1 and pol_cfg.hidden == (128, 128)
