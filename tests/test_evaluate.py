@@ -87,6 +87,10 @@ def test_one_compiled_rollout_serves_all_baselines_and_the_policy(tiny_run):
     agent, policy_params, _ = ev.load_policy(run)
     env = make_env("linear-d3", **config.env_overrides)
     reward_params, reward_config = load_weights(reward)[:2]
+    # start from empty caches: another test in this worker may have compiled the same
+    # (env, agent) pair for inputs placed or sharded differently
+    ev.design_rollout.cache_clear()
+    ev._stepwise_jit.cache_clear()
     summaries = {}
     for name in ("random", "random-single", "observational", "caasl"):
         summaries[name] = ev.evaluate_design(
