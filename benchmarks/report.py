@@ -328,17 +328,20 @@ step without micro-batching), measured on this VM during development:
   13-15 ms without dropout: threefry bits for ~1.5M attention weights per history, which
   XLA's CPU backend does not fuse (16-bit draws and the RBG generator were no faster).
   `caasl_jax/dropout.py` now hashes each entry's index with murmur3's finaliser instead:
-  15 ms forward and 89 ms gradient (was 126 ms), close to no dropout at all. In the
-  whole step at B = 64 that was worth about 10% (3.81-4.04 s -> 3.44-3.53 s, two runs
-  each, the commit before vs after, same idle VM): the encoder-level figures do not add
+  15 ms forward and 89 ms gradient (was 126 ms), close to no dropout at all
+  (`encoder_profile` at 8bcd26b vs 71e438a). In the whole step at B = 64 that was worth
+  about 10% (3.81-4.04 s -> 3.44-3.53 s, two runs each of
+  `python -m benchmarks.grad_step --batch-sizes 64 --devices 1` at the same commits): the encoder-level figures do not add
   up linearly, XLA overlaps more of the larger program on the two cores.
 - **Softmax normalisation.** Dividing the [..., 60, 60] weights by their row sums
   materialised a broadcast of the sums as big as the logits, forward and backward
-  (~2 ms per sample-axis block per 4 histories in a `jax.profiler` trace). The division
+  (~2 ms per sample-axis block per 4 histories in one `jax.profiler` trace of the
+  encoder gradient; ad-hoc script, not kept). The division
   now comes after the value product, on [..., 60, 4] (flash-attention style; dropout of
   the weights commutes with it, tests/test_networks.py checks both against plain
-  attention): the critic encoder's gradient 77-80 -> 71-72 ms in three runs each; the
-  whole step at B = 64 moved within the VM's noise (3.46-3.85 s vs 3.91 s).
+  attention): the critic encoder's gradient ("encoder_critic" of `encoder_profile`,
+  42357f9 vs b95123d) 77-80 -> 71-72 ms in three runs each; the whole step at B = 64
+  (`grad_step` as above) moved within the VM's noise (3.46-3.85 s vs 3.91 s).
 - **Backward pass.** The encoder's gradient cost about 6x its forward pass (88-89 vs
   14-15 ms per 4 histories, two runs) while its blocks alone cost about 4.4x; the remainder is in the
   masked max-pool, the layout changes between the variable and sample axes, and the

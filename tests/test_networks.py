@@ -94,7 +94,7 @@ def test_encoder_batched_matches_single(encoder):
     np.testing.assert_allclose(out[1], enc.apply(params, d2, m2), atol=ATOL)
 
 
-def _reference_attention(params, x, key_mask, heads, keep=None):
+def _reference_attention(params, x, key_mask, keep=None, rate=0.0):
     """Plain multi-head attention: softmax weights (dropped by `keep`, scaled) times values."""
     p = params["params"]
     q = jnp.einsum("sd,dhc->hsc", x, p["query"]["kernel"]) + p["query"]["bias"][:, None]
@@ -103,7 +103,7 @@ def _reference_attention(params, x, key_mask, heads, keep=None):
     logits = q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(q.shape[-1])
     weights = jax.nn.softmax(jnp.where(key_mask, logits, -jnp.inf), -1)
     if keep is not None:
-        weights = jnp.where(keep, weights / 0.75, 0.0)
+        weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
     out = jnp.swapaxes(weights @ v, 0, 1)  # [S, H, C]
     return jnp.einsum("shc,hcd->sd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
@@ -120,7 +120,7 @@ def test_self_attention_matches_plain_softmax_attention(monkeypatch):
     layer = SelfAttention(num_heads=2, dropout=0.0, deterministic=True)
     params = layer.init(jax.random.key(4), x, key_mask)
     got = layer.apply(params, x, key_mask)
-    np.testing.assert_allclose(got, _reference_attention(params, x, key_mask, 2), atol=ATOL)
+    np.testing.assert_allclose(got, _reference_attention(params, x, key_mask), atol=ATOL)
 
     # dropout with a known mask: it must act on the normalised weights
     keep = jax.random.bernoulli(jax.random.key(5), 0.75, (2, 6, 6))
@@ -135,7 +135,7 @@ def test_self_attention_matches_plain_softmax_attention(monkeypatch):
     monkeypatch.setattr(networks, "HashDropout", FixedMaskDropout)
     dropped = SelfAttention(num_heads=2, dropout=0.25, deterministic=False)
     got = dropped.apply(params, x, key_mask)
-    want = _reference_attention(params, x, key_mask, 2, keep=keep)
+    want = _reference_attention(params, x, key_mask, keep=keep, rate=0.25)
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
