@@ -5,7 +5,7 @@ with probability 1 - rate and scaled by 1 / (1 - rate); masks drawn from the
 "dropout" RNG stream; identity when deterministic or rate == 0), but draws its mask
 differently: one threefry call gives two 32-bit words (a per-call seed), and each
 entry's bits are the murmur3 32-bit finaliser applied twice to its flat index mixed
-with the seed:
+with the seed (`caasl_jax.hash_random.hash_bits`):
 
     bits[i] = fmix32(fmix32(i ^ seed0) + seed1),   keep[i] = bits[i] >= rate * 2**32
 
@@ -22,30 +22,11 @@ across calls (tests/test_dropout.py checks the keep rate, the scaling and the in
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def fmix32(x: jax.Array) -> jax.Array:
-    """The murmur3 32-bit finaliser (a bijection of uint32 with full avalanche)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Pseudo-random uint32[shape] keyed by a JAX PRNG key (one threefry call in all)."""
-    size = math.prod(shape)
-    if size > 2**32:
-        raise ValueError(f"hash_bits: at most 2**32 entries per call, got shape {shape}")
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    return fmix32(fmix32(index ^ seed[0]) + seed[1])
+from caasl_jax.hash_random import hash_bits
 
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:

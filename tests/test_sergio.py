@@ -21,6 +21,7 @@ from caasl_jax.envs.sergio import (
     draw_increments,
     log_factorial,
 )
+from caasl_jax.hash_random import hash_bits
 
 D = 10
 BATCH = 1000
@@ -192,7 +193,8 @@ def test_step_traces_once(fns, batch):
 def test_noisy_interventions_flip_performed_targets_but_record_intended(batch):
     env = SergioEnv(d=D, intervention_noise=0.1)
     intended = (jnp.arange(D) < 3).astype(jnp.float32)
-    performed = jax.vmap(env.performed_targets, in_axes=(0, None))(_keys(7, 4000), intended)
+    words = hash_bits(jax.random.key(7), (4000, D))
+    performed = jax.vmap(env.performed_targets, in_axes=(0, None))(words, intended)
     flip_rate = float((performed != intended).mean())
     assert abs(flip_rate - 0.1) < 0.01  # 40,000 Bernoulli(0.1) draws: sd 0.0015
     params = jax.tree.map(lambda a: a[0], batch["params"])  # same prior, noise aside

@@ -60,6 +60,11 @@ its library size. Differences from avici's NumPy SERGIO, on purpose:
   after technical noise, against avici.
 - Poisson counts: `poisson_rounds` (default 3) PTRS proposals per count; an entry
   with all rejected (rate >= 10: < 0.4 %) takes the rounded normal approximation.
+- Random numbers: the per-cell randomness (cell types, snapshot steps, warm starts,
+  increments, dropout, library sizes, Poisson counts) comes from
+  `caasl_jax.hash_random.hash_bits` (one threefry call per draw, then a counter
+  hash), and a design step makes a single draw for all of it: under vmap each
+  threefry call is a loop of small kernels, which had dominated the step's time.
 - Increments: `increments="rademacher"` (default) uses ξ = ±1 with probability 1/2,
   the simplified weak Euler scheme (Kloeden & Platen 1992, sec. 14.1): the same weak
   order 1 as Gaussian Euler–Maruyama, so the same cell distributions up to O(dt), at
@@ -87,6 +92,7 @@ from jax.scipy.special import ndtri
 
 from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
 from caasl_jax.envs.graphs import GRAPH_KINDS, sample_graph, topological_depth
+from caasl_jax.hash_random import hash_bits, split_words
 
 INTERVENTION_KINDS = ("knockout", "knockdown")
 INCREMENT_KINDS = ("rademacher", "gaussian")
@@ -165,11 +171,21 @@ def production_rates(
 
     P_j = basal_j + sum_i |K_ij| (a_i if K_ij > 0 else 1 - a_i), a = hill_activation(x);
     basal f32[..., d] broadcasts against x (zero for non-master genes); `regulation`
-    from `regulation_matrices`. (A matmul: XLA's CPU code for the equivalent
-    broadcast-multiply-sum is an order of magnitude slower under vmap.)
+    from `regulation_matrices`.
+
+    The product a @ signed is written out as d scaled rows of `signed` added up. Under
+    vmap every environment has its own [d, d] matrix, and XLA's CPU code for that
+    batch of [1, d] x [d, d] dots costs ~25 us per call at B = 1,000 (and a
+    broadcast-multiply-reduce is slower still), while the sum of rows fuses with the
+    Hill activation into one elementwise kernel: a design step went from 2.2 to
+    1.85 ms (`benchmarks/sergio_throughput.py`).
     """
     signed, offset = regulation
-    return basal + hill_activation(x, half_response, hill) @ signed + offset
+    activation = hill_activation(x, half_response, hill)
+    total = basal + offset
+    for i in range(signed.shape[0]):
+        total = total + activation[..., i, None] * signed[i]
+    return total
 
 
 def euler_maruyama_step(
@@ -335,8 +351,13 @@ def log_factorial(k: jax.Array) -> jax.Array:
     return stirling + r * (1.0 / 12.0 - r * r / 360.0) - jnp.log(shift)
 
 
+def measure_word_count(n: int, d: int, poisson_rounds: int) -> int:
+    """How many random words `measure_counts` takes for n cells of d genes."""
+    return (poisson_rounds + 2) * n * d + n
+
+
 def measure_counts(
-    key: jax.Array,
+    words: jax.Array,
     clean: jax.Array,
     outlier_factor: jax.Array,
     midpoint: jax.Array,
@@ -345,14 +366,13 @@ def measure_counts(
 ) -> jax.Array:
     """Counts f32[n, d] of clean expression f32[n, d]: outliers, library, dropout, Poisson.
 
-    All the randomness comes from one draw of random words (under vmap every extra key
-    split and draw is a handful of small kernels, which dominated a design step's noise):
+    All the randomness comes from the random words u32[measure_word_count(n, d, R)]:
     per entry one word for the dropout, R + 1 for the Poisson count; one per cell for
     its library size.
     """
     chex.assert_rank(clean, 2)
     n, d = clean.shape
-    words = jax.random.bits(key, ((poisson_rounds + 2) * n * d + n,), jnp.uint32)
+    chex.assert_shape(words, (measure_word_count(n, d, poisson_rounds),))
     entry_words = words[: (poisson_rounds + 2) * n * d].reshape(poisson_rounds + 2, n * d)
     library_normal = ndtri(bits_to_uniform(words[(poisson_rounds + 2) * n * d :]))
     x = clean * outlier_factor
@@ -561,7 +581,8 @@ class SergioEnv(Environment):
 
         # dropout mid-point of this system: SERGIO's percentile over a wild-type data set
         snap_key, library_key = jax.random.split(measure_key)
-        cells = _snapshots(snap_key, trajectory, self.cells_per_type).reshape(-1, d)
+        snap_words = hash_bits(snap_key, (c * self.cells_per_type,))
+        cells = _snapshots(snap_words, trajectory, self.cells_per_type).reshape(-1, d)
         noise = self.noise
         x = library_size_effect(library_key, cells * outlier_factor, noise.library_mean,
                                 noise.library_scale)
@@ -599,21 +620,43 @@ class SergioEnv(Environment):
         Otherwise (default) every cell is simulated on its own, as the snapshot of such a
         trajectory, but from a warm start (module docstring: "Warm-started cells").
         """
+        count = self.simulation_word_count(cell_types.shape[0], cells_per_trajectory)
+        return self.simulate_from_words(hash_bits(key, (count,)), params, factor, cell_types,
+                                        cells_per_trajectory)
+
+    def simulation_word_count(self, m: int, cells_per_trajectory: int) -> int:
+        """How many random words `simulate_from_words` takes for m trajectories."""
+        n = m * cells_per_trajectory
+        if self.langevin_steps is None:
+            return increment_words((self.n_steps, m, self.d), self.increments) + n
+        return n + n * self.d + increment_words((self.langevin_steps, n, self.d), self.increments)
+
+    def simulate_from_words(
+        self,
+        words: jax.Array,
+        params: SergioParams,
+        factor: jax.Array,
+        cell_types: jax.Array,
+        cells_per_trajectory: int,
+    ) -> jax.Array:
+        """`simulate_clean` with its randomness given as random words
+        u32[simulation_word_count(m, cells_per_trajectory)]."""
         chex.assert_shape(factor, (self.d,))
         chex.assert_rank(cell_types, 1)
+        m = cell_types.shape[0]
+        chex.assert_shape(words, (self.simulation_word_count(m, cells_per_trajectory),))
         if self.langevin_steps is None:
-            return self._simulate_trajectories(key, params, factor, cell_types,
+            return self._simulate_trajectories(words, params, factor, cell_types,
                                                cells_per_trajectory)
-        return self._simulate_warm(key, params, factor, cell_types, cells_per_trajectory)
+        return self._simulate_warm(words, params, factor, cell_types, cells_per_trajectory)
 
-    def _simulate_warm(self, key, params, factor, cell_types, cells_per_trajectory):
+    def _simulate_warm(self, words, params, factor, cell_types, cells_per_trajectory):
         d, k_steps, s = self.d, self.langevin_steps, self.n_steps
         m = cell_types.shape[0]
         n = m * cells_per_trajectory
-        # one draw of random words for the snapshot steps, warm starts and increments
-        # (each extra key split or draw is several small kernels under vmap)
-        n_increment = increment_words((k_steps, n, d), self.increments)
-        words = jax.random.bits(key, (n + n * d + n_increment,), jnp.uint32)
+        # words: the snapshot steps, the warm starts, the increments
+        tau_words, start_words, increment_words_ = split_words(
+            words, (n, n * d, words.shape[0] - n - n * d))
         basal = params.basal[cell_types]  # [m, d]
         if m == 1:  # f32[d] states (see `single` below)
             x0 = self.steady_state_guess(params, basal[0], factor)[None]
@@ -623,17 +666,17 @@ class SergioEnv(Environment):
         basal = jnp.repeat(basal, cells_per_trajectory, axis=0)
         # snapshot step tau ~ U{0..S-1}; the last min(tau, K) steps are simulated, the
         # first tau - min(tau, K) replaced by the linear-noise law of x at that step
-        tau = uniform_index(words[:n], s).reshape(n, 1)
+        tau = uniform_index(tau_words, s).reshape(n, 1)
         simulated = jnp.minimum(tau, k_steps)
         a2 = (1.0 - self.decay * self.dt) ** 2
         var_rate = self.noise_scale**2 * 2.0 * self.decay * self.dt / (1.0 - a2)
         var = var_rate * x0 * (1.0 - a2 ** (tau - simulated).astype(jnp.float32))
-        z = ndtri(bits_to_uniform(words[n : n + n * d])).reshape(n, d)
+        z = ndtri(bits_to_uniform(start_words)).reshape(n, d)
         start = jnp.maximum(0.0, x0 + jnp.sqrt(var) * z)
-        xi = increments_from_words(words[n + n * d :], (k_steps, n, d), self.increments)
+        xi = increments_from_words(increment_words_, (k_steps, n, d), self.increments)
         active = jnp.arange(k_steps)[:, None, None] >= (k_steps - simulated)[None]  # [K, n, 1]
         regulation = regulation_matrices(params.interactions)
-        single = n == 1  # f32[d] states: XLA's CPU code for a vmapped [1, d] @ [d, d] is slow
+        single = n == 1  # f32[d] states: cheaper than [1, d] ones under vmap
         if single:
             basal, start, xi, active = basal[0], start[0], xi[:, 0], active[:, 0]
 
@@ -647,15 +690,17 @@ class SergioEnv(Environment):
         cells, _ = jax.lax.scan(body, start, (xi, active))
         return cells.reshape(m, cells_per_trajectory, d)
 
-    def _simulate_trajectories(self, key, params, factor, cell_types, cells_per_trajectory):
-        noise_key, snap_key = jax.random.split(key)
+    def _simulate_trajectories(self, words, params, factor, cell_types, cells_per_trajectory):
+        m, s = cell_types.shape[0], self.n_steps
+        increment_words_, snapshot_words = split_words(
+            words, (words.shape[0] - m * cells_per_trajectory, m * cells_per_trajectory))
         basal = params.basal[cell_types]  # [m, d]
         start = self.steady_state_guess(params, basal, factor)
-        xi = draw_increments(noise_key, (self.n_steps,) + basal.shape, self.increments)
+        xi = increments_from_words(increment_words_, (s,) + basal.shape, self.increments)
         regulation = regulation_matrices(params.interactions)
-        # A single trajectory (a design step's cell) runs on f32[d] states: under vmap,
-        # XLA's CPU code for the batched [1, d] x [d, d] product is much slower.
-        single = basal.shape[0] == 1
+        # A single trajectory (a design step's cell) runs on f32[d] states: cheaper than
+        # [1, d] ones under vmap.
+        single = m == 1
         if single:
             basal, start, xi = basal[0], start[0], xi[:, 0]
 
@@ -668,18 +713,19 @@ class SergioEnv(Environment):
         _, trajectory = jax.lax.scan(body, start, xi)  # [S, m, d] (or [S, d])
         if single:
             trajectory = trajectory[:, None]
-        return _snapshots(snap_key, trajectory, cells_per_trajectory)
+        return _snapshots(snapshot_words, trajectory, cells_per_trajectory)
 
     def production_factor(self, performed: jax.Array) -> jax.Array:
         """f32[d] production multiplier of the performed targets f32[d] (0/1)."""
         per_target = 0.0 if self.intervention == "knockout" else 0.5
         return jnp.where(performed > 0, per_target, 1.0)
 
-    def performed_targets(self, key: jax.Array, intended: jax.Array) -> jax.Array:
-        """f32[d] targets actually hit: each gene flipped w.p. intervention_noise."""
+    def performed_targets(self, words: jax.Array, intended: jax.Array) -> jax.Array:
+        """f32[d] targets actually hit: each gene flipped w.p. intervention_noise, one
+        random word u32[d] per gene."""
         if self.intervention_noise == 0.0:
             return intended
-        flip = jax.random.bernoulli(key, self.intervention_noise, intended.shape)
+        flip = bits_to_uniform(words) < self.intervention_noise
         return jnp.where(flip, 1.0 - intended, intended)
 
     def wild_type_clean(self, key: jax.Array, params: SergioParams) -> jax.Array:
@@ -690,17 +736,28 @@ class SergioEnv(Environment):
                                     self.cells_per_type).reshape(-1, self.d)
         return jax.random.permutation(perm_key, cells)[: self.n0]
 
-    def design_clean(self, key: jax.Array, params: SergioParams, performed: jax.Array):
-        """Clean expression f32[k, d] of k = samples_per_step cells under `performed`."""
-        type_key, sim_key = jax.random.split(key)
-        words = jax.random.bits(type_key, (self.samples_per_step,), jnp.uint32)
-        types = uniform_index(words, self.n_cell_types)
-        cells = self.simulate_clean(sim_key, params, self.production_factor(performed), types, 1)
+    def design_word_count(self) -> int:
+        """How many random words `design_clean` takes."""
+        return self.samples_per_step + self.simulation_word_count(self.samples_per_step, 1)
+
+    def design_clean(self, words: jax.Array, params: SergioParams, performed: jax.Array):
+        """Clean expression f32[k, d] of k = samples_per_step cells under `performed`,
+        from random words u32[design_word_count()] (cell types, then the simulation)."""
+        k = self.samples_per_step
+        type_words, sim_words = split_words(words, (k, words.shape[0] - k))
+        types = uniform_index(type_words, self.n_cell_types)
+        cells = self.simulate_from_words(sim_words, params, self.production_factor(performed),
+                                         types, 1)
         return cells[:, 0]
 
     def measure(self, key: jax.Array, params: SergioParams, clean: jax.Array) -> jax.Array:
         """Counts f32[n, d] of clean cells f32[n, d] with this system's technical noise."""
-        return measure_counts(key, clean, params.outlier_factor, params.dropout_midpoint,
+        n, d = clean.shape
+        words = hash_bits(key, (measure_word_count(n, d, self.poisson_rounds),))
+        return self._measure_words(words, params, clean)
+
+    def _measure_words(self, words, params, clean):
+        return measure_counts(words, clean, params.outlier_factor, params.dropout_midpoint,
                               self.noise, self.poisson_rounds)
 
     def _initial_rows(self, key: jax.Array, params: SergioParams) -> jax.Array:
@@ -708,10 +765,16 @@ class SergioEnv(Environment):
         return self.measure(measure_key, params, self.wild_type_clean(sim_key, params))
 
     def _design_rows(self, key: jax.Array, action: jax.Array, params: SergioParams):
-        flip_key, sim_key, measure_key = jax.random.split(key, 3)
-        intended = action_targets(action, self.d)
-        performed = self.performed_targets(flip_key, intended)
-        counts = self.measure(measure_key, params, self.design_clean(sim_key, params, performed))
+        """All of a design step's randomness is one `hash_bits` draw: under vmap every
+        threefry call (a key split, a draw) is a loop of small kernels, and six of them
+        took ~0.35 ms of a 1.85 ms step at B = 1,000."""
+        k, d = self.samples_per_step, self.d
+        sizes = (d, self.design_word_count(), measure_word_count(k, d, self.poisson_rounds))
+        flip_words, sim_words, measure_words = split_words(hash_bits(key, (sum(sizes),)), sizes)
+        intended = action_targets(action, d)
+        performed = self.performed_targets(flip_words, intended)
+        counts = self._measure_words(measure_words, params,
+                                     self.design_clean(sim_words, params, performed))
         return counts, jnp.broadcast_to(intended, counts.shape)
 
 
@@ -723,12 +786,12 @@ def _symmetric_beta(key: jax.Array, concentration: float, shape) -> jax.Array:
     return jax.random.beta(key, concentration, concentration, shape)
 
 
-def _snapshots(key: jax.Array, trajectory: jax.Array, per_trajectory: int) -> jax.Array:
-    """Cells f32[m, per_trajectory, d] at uniform random steps of trajectory f32[S, m, d]."""
+def _snapshots(words: jax.Array, trajectory: jax.Array, per_trajectory: int) -> jax.Array:
+    """Cells f32[m, per_trajectory, d] at uniform random steps of trajectory f32[S, m, d],
+    the steps from random words u32[m * per_trajectory]."""
     s, m, _ = trajectory.shape
-    times = jax.random.randint(key, (m, per_trajectory), 0, s)
+    times = uniform_index(words, s).reshape(m, per_trajectory)
     return trajectory[times, jnp.arange(m)[:, None]]
-
 
 SERGIO_VARIANTS: dict[str, dict] = {
     "": {},
