@@ -61,9 +61,21 @@ BENCHMARKS = {
         *[arg for item in PAPER_STAGE_OVERRIDES for arg in ("--set", item)],
     ],
     "env": ["benchmarks.env_throughput", "--repeats", "3"],
+    "env_sergio": [
+        "benchmarks.env_throughput",
+        "--env",
+        "sergio-d10",
+        "--batch",
+        "1",
+        "100",
+        "1000",
+        "--repeats",
+        "3",
+    ],
     "replay": ["benchmarks.replay_memory"],
 }
-RELEASE_ENV_TRANSITIONS_PER_S = 4600  # REFERENCE.md section 5, 1,000 envs
+# REFERENCE.md section 5: the release's env episodes, 1,000 envs, reward excluded
+RELEASE_ENV_TRANSITIONS_PER_S = {"linear": 4600, "SERGIO": 930}
 
 
 def run_benchmark(name: str) -> dict:
@@ -159,15 +171,26 @@ def _f(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+def env_episode_row(kind: str, env: dict) -> str:
+    """Headline row: whole env episodes at 1,000 envs (or the largest batch) vs the release."""
+    row = next((r for r in env["results"] if r["batch"] == 1000), env["results"][-1])
+    release = RELEASE_ENV_TRANSITIONS_PER_S[kind]
+    rate = row["episode_transitions_per_s"]
+    return (
+        f"| {kind} env episode ({env['env']}), {row['batch']:,} envs, reward excluded | "
+        f"{release:,} transitions/s | {rate:,.0f} transitions/s | **{_f(rate / release, 0)}x** |"
+    )
+
+
 def render(results: dict, stamp: str) -> str:
     grad, small, paper = results["grad_step"], results["train_small"], results["train_paper"]
-    env, replay = results["env"], results["replay"]
+    envs = {"linear": results["env"], "SERGIO": results["env_sergio"]}
+    replay = results["replay"]
     release = grad["release"]
     machine = grad["machine"]
     b256 = next(r for r in grad["batch_sweep"] if r["batch"] == 256)
     act = grad["act"]
     best = min(grad["device_sweep"], key=lambda r: r["seconds"])
-    env1000 = next((r for r in env["results"] if r["batch"] == 1000), env["results"][-1])
     lines = [
         "# Measured figures",
         "",
@@ -196,11 +219,8 @@ def render(results: dict, stamp: str) -> str:
         f"| sampling actions for {act['batch']:,} histories | {release['act_1000_s']} s "
         f"(train mode, dropout on) | {_f(act['seconds'])} s (dropout off) | "
         f"**{_f(release['act_1000_s'] * act['batch'] / 1000 / act['seconds'], 1)}x** |",
-        f"| linear env episode, {env1000['batch']:,} envs, reward excluded | "
-        f"{RELEASE_ENV_TRANSITIONS_PER_S:,} transitions/s | "
-        f"{env1000['episode_transitions_per_s']:,.0f} transitions/s | "
-        f"**{_f(env1000['episode_transitions_per_s'] / RELEASE_ENV_TRANSITIONS_PER_S, 0)}x** |",
-        "| SERGIO env, AVICI reward model | see `RESULTS_SERGIO.md`, "
+        *[env_episode_row(kind, env) for kind, env in envs.items()],
+        "| SERGIO cells/s vs avici's simulator, AVICI reward model | see `RESULTS_SERGIO.md`, "
         "`caasl_jax/weights/MODEL_CARD.md` | | |",
         "",
         f"Targets of issue 7: gradient step at most 9.7 s (measured {_f(b256['seconds'])} s "
@@ -276,17 +296,24 @@ def render(results: dict, stamp: str) -> str:
         f"{p['batch_size']}): the gradient steps are {_f(100 * grad_hours / (grad_hours + roll_hours), 0)}% "
         "of the cost. The release's figures give about 16 years on the same CPU.",
         "",
-        "## Linear environment (`python -m benchmarks.env_throughput`)",
+        "## Environments (`python -m benchmarks.env_throughput [--env sergio-d10]`)",
         "",
-        f"{env['env']}, n0 = {env['n0']}, T = {env['budget']}, reward excluded, random actions.",
-        "",
-        "| batch | steps: transitions/s | whole episode (params + reset + T steps): transitions/s |",
-        "|---|---|---|",
+        "Reward excluded, random actions; steps: T design steps of reset environments; "
+        "whole episode: sampling the hidden parameters + reset + the T steps.",
     ]
-    for r in env["results"]:
-        lines.append(
-            f"| {r['batch']:,} | {r['transitions_per_s']:,.0f} | {r['episode_transitions_per_s']:,.0f} |"
-        )
+    for env in envs.values():
+        lines += [
+            "",
+            f"{env['env']}, n0 = {env['n0']}, T = {env['budget']}:",
+            "",
+            "| batch | steps: transitions/s | whole episode: transitions/s |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['batch']:,} | {r['transitions_per_s']:,.0f} | "
+            f"{r['episode_transitions_per_s']:,.0f} |"
+            for r in env["results"]
+        ]
     lines += [
         "",
         "## Replay memory (`python -m benchmarks.replay_memory`)",

@@ -48,6 +48,15 @@ def _results(grad_s: float, act_s: float) -> dict:
                 {"batch": 1000, "transitions_per_s": 1e6, "episode_transitions_per_s": 1.5e5}
             ],
         },
+        "env_sergio": {
+            "env": "sergio-d10",
+            "n0": 50,
+            "budget": 10,
+            "results": [
+                {"batch": 100, "transitions_per_s": 1e4, "episode_transitions_per_s": 5e3},
+                {"batch": 1000, "transitions_per_s": 1e5, "episode_transitions_per_s": 1.86e4},
+            ],
+        },
         "replay": {
             "linear-d10": {
                 "ours_bytes_per_transition": 337,
@@ -69,6 +78,11 @@ def test_render_reports_speedups_and_target_status():
     assert "split over 2 CPU devices (`caasl train --local-devices 2`)" in text
     assert "| 5.37 s, 2.00 GB peak RSS | **9.0x** time |" in text  # 48.3 / 5.37
     assert "10x (met)" in text
+    assert "| linear env episode (linear-d10), 1,000 envs, reward excluded | 4,600" in text
+    assert "| 150,000 transitions/s | **33x** |" in text  # 1.5e5 / 4,600
+    assert "| SERGIO env episode (sergio-d10), 1,000 envs, reward excluded | 930" in text
+    assert "| 18,600 transitions/s | **20x** |" in text  # 1.86e4 / 930
+    assert "| 100 | 10,000 | 5,000 |" in text  # the SERGIO batch table
     slow = report.render(_results(grad_s=20.0, act_s=6.0), "now")
     assert "(measured 20.00 s on one device, 13.33 s on 2: NOT met)" in slow
     assert "10x (NOT met)" in slow
