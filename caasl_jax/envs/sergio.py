@@ -373,8 +373,9 @@ def measure_counts(
     chex.assert_rank(clean, 2)
     n, d = clean.shape
     chex.assert_shape(words, (measure_word_count(n, d, poisson_rounds),))
-    entry_words = words[: (poisson_rounds + 2) * n * d].reshape(poisson_rounds + 2, n * d)
-    library_normal = ndtri(bits_to_uniform(words[(poisson_rounds + 2) * n * d :]))
+    entry_words, library_words = split_words(words, ((poisson_rounds + 2) * n * d, n))
+    entry_words = entry_words.reshape(poisson_rounds + 2, n * d)
+    library_normal = ndtri(bits_to_uniform(library_words))
     x = clean * outlier_factor
     x = rescale_library(x, library_normal.reshape(n, 1), platform.library_mean,
                         platform.library_scale)
@@ -654,9 +655,8 @@ class SergioEnv(Environment):
         d, k_steps, s = self.d, self.langevin_steps, self.n_steps
         m = cell_types.shape[0]
         n = m * cells_per_trajectory
-        # words: the snapshot steps, the warm starts, the increments
-        tau_words, start_words, increment_words_ = split_words(
-            words, (n, n * d, words.shape[0] - n - n * d))
+        tau_words, start_words, xi_words = split_words(
+            words, (n, n * d, increment_words((k_steps, n, d), self.increments)))
         basal = params.basal[cell_types]  # [m, d]
         if m == 1:  # f32[d] states (see `single` below)
             x0 = self.steady_state_guess(params, basal[0], factor)[None]
@@ -673,7 +673,7 @@ class SergioEnv(Environment):
         var = var_rate * x0 * (1.0 - a2 ** (tau - simulated).astype(jnp.float32))
         z = ndtri(bits_to_uniform(start_words)).reshape(n, d)
         start = jnp.maximum(0.0, x0 + jnp.sqrt(var) * z)
-        xi = increments_from_words(increment_words_, (k_steps, n, d), self.increments)
+        xi = increments_from_words(xi_words, (k_steps, n, d), self.increments)
         active = jnp.arange(k_steps)[:, None, None] >= (k_steps - simulated)[None]  # [K, n, 1]
         regulation = regulation_matrices(params.interactions)
         single = n == 1  # f32[d] states: cheaper than [1, d] ones under vmap
@@ -692,11 +692,11 @@ class SergioEnv(Environment):
 
     def _simulate_trajectories(self, words, params, factor, cell_types, cells_per_trajectory):
         m, s = cell_types.shape[0], self.n_steps
-        increment_words_, snapshot_words = split_words(
-            words, (words.shape[0] - m * cells_per_trajectory, m * cells_per_trajectory))
+        xi_words, snapshot_words = split_words(
+            words, (increment_words((s, m, self.d), self.increments), m * cells_per_trajectory))
         basal = params.basal[cell_types]  # [m, d]
         start = self.steady_state_guess(params, basal, factor)
-        xi = increments_from_words(increment_words_, (s,) + basal.shape, self.increments)
+        xi = increments_from_words(xi_words, (s,) + basal.shape, self.increments)
         regulation = regulation_matrices(params.interactions)
         # A single trajectory (a design step's cell) runs on f32[d] states: cheaper than
         # [1, d] ones under vmap.
