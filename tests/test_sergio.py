@@ -190,6 +190,26 @@ def test_step_traces_once(fns, batch):
                  jax.tree.map(lambda a: a[0], params))
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"samples_per_step": 3},
+        {"langevin_steps": None},
+        {"increments": "gaussian", "d": 5},
+        {"intervention_noise": 0.1, "intervention": "knockdown", "poisson_rounds": 2},
+    ],
+)
+def test_step_takes_exactly_the_random_words_it_draws(settings):
+    """Each setting changes how many words a step slices from its one draw; a
+    mismatch fails the shape checks at trace time (nothing is simulated here)."""
+    env = SergioEnv(**settings)
+    params = jax.eval_shape(env.sample_params, jax.random.key(0))
+    _, state = jax.eval_shape(env.reset, jax.random.key(1), params)
+    action = jax.ShapeDtypeStruct((env.action_dim,), jnp.float32)
+    history, *_ = jax.eval_shape(env.step, jax.random.key(2), state, action, params)
+    assert history.data.shape == (env.n_rows, env.d, 2)
+
+
 def test_noisy_interventions_flip_performed_targets_but_record_intended(batch):
     env = SergioEnv(d=D, intervention_noise=0.1)
     intended = (jnp.arange(D) < 3).astype(jnp.float32)

@@ -60,11 +60,12 @@ its library size. Differences from avici's NumPy SERGIO, on purpose:
   after technical noise, against avici.
 - Poisson counts: `poisson_rounds` (default 3) PTRS proposals per count; an entry
   with all rejected (rate >= 10: < 0.4 %) takes the rounded normal approximation.
-- Random numbers: the per-cell randomness (cell types, snapshot steps, warm starts,
-  increments, dropout, library sizes, Poisson counts) comes from
+- Random numbers: the per-cell randomness of `reset` and `step` (cell types, snapshot
+  steps, warm starts, increments, dropout, library sizes, Poisson counts) comes from
   `caasl_jax.hash_random.hash_bits` (one threefry call per draw, then a counter
   hash), and a design step makes a single draw for all of it: under vmap each
   threefry call is a loop of small kernels, which had dominated the step's time.
+  `sample_params` (the system and its calibration) still uses `jax.random`.
 - Increments: `increments="rademacher"` (default) uses ξ = ±1 with probability 1/2,
   the simplified weak Euler scheme (Kloeden & Platen 1992, sec. 14.1): the same weak
   order 1 as Gaussian Euler–Maruyama, so the same cell distributions up to O(dt), at
@@ -178,7 +179,8 @@ def production_rates(
     batch of [1, d] x [d, d] dots costs ~25 us per call at B = 1,000 (and a
     broadcast-multiply-reduce is slower still), while the sum of rows fuses with the
     Hill activation into one elementwise kernel: a design step went from 2.2 to
-    1.85 ms (`benchmarks/sergio_throughput.py`).
+    1.85 ms (`benchmarks/sergio_throughput.py`). The unrolled sum grows the program
+    linearly in d; measured up to d = 20 (the sergio-dims suite).
     """
     signed, offset = regulation
     activation = hill_activation(x, half_response, hill)
@@ -641,7 +643,8 @@ class SergioEnv(Environment):
         cells_per_trajectory: int,
     ) -> jax.Array:
         """`simulate_clean` with its randomness given as random words
-        u32[simulation_word_count(m, cells_per_trajectory)]."""
+        u32[simulation_word_count(m, cells_per_trajectory)]; returns clean expression
+        f32[m, cells_per_trajectory, d]."""
         chex.assert_shape(factor, (self.d,))
         chex.assert_rank(cell_types, 1)
         m = cell_types.shape[0]
@@ -744,7 +747,7 @@ class SergioEnv(Environment):
         """Clean expression f32[k, d] of k = samples_per_step cells under `performed`,
         from random words u32[design_word_count()] (cell types, then the simulation)."""
         k = self.samples_per_step
-        type_words, sim_words = split_words(words, (k, words.shape[0] - k))
+        type_words, sim_words = split_words(words, (k, self.simulation_word_count(k, 1)))
         types = uniform_index(type_words, self.n_cell_types)
         cells = self.simulate_from_words(sim_words, params, self.production_factor(performed),
                                          types, 1)
@@ -754,9 +757,11 @@ class SergioEnv(Environment):
         """Counts f32[n, d] of clean cells f32[n, d] with this system's technical noise."""
         n, d = clean.shape
         words = hash_bits(key, (measure_word_count(n, d, self.poisson_rounds),))
-        return self._measure_words(words, params, clean)
+        return self.measure_from_words(words, params, clean)
 
-    def _measure_words(self, words, params, clean):
+    def measure_from_words(self, words: jax.Array, params: SergioParams, clean: jax.Array):
+        """`measure` with its randomness given as random words
+        u32[measure_word_count(n, d, poisson_rounds)]; counts f32[n, d]."""
         return measure_counts(words, clean, params.outlier_factor, params.dropout_midpoint,
                               self.noise, self.poisson_rounds)
 
@@ -766,15 +771,15 @@ class SergioEnv(Environment):
 
     def _design_rows(self, key: jax.Array, action: jax.Array, params: SergioParams):
         """All of a design step's randomness is one `hash_bits` draw: under vmap every
-        threefry call (a key split, a draw) is a loop of small kernels, and six of them
-        took ~0.35 ms of a 1.85 ms step at B = 1,000."""
+        threefry call (a key split, a draw) is a loop of small kernels, and the five of
+        them (six with intervention noise) took ~0.35 ms of a 1.85 ms step at B = 1,000."""
         k, d = self.samples_per_step, self.d
         sizes = (d, self.design_word_count(), measure_word_count(k, d, self.poisson_rounds))
         flip_words, sim_words, measure_words = split_words(hash_bits(key, (sum(sizes),)), sizes)
         intended = action_targets(action, d)
         performed = self.performed_targets(flip_words, intended)
-        counts = self._measure_words(measure_words, params,
-                                     self.design_clean(sim_words, params, performed))
+        counts = self.measure_from_words(measure_words, params,
+                                         self.design_clean(sim_words, params, performed))
         return counts, jnp.broadcast_to(intended, counts.shape)
 
 
@@ -792,6 +797,7 @@ def _snapshots(words: jax.Array, trajectory: jax.Array, per_trajectory: int) -> 
     s, m, _ = trajectory.shape
     times = uniform_index(words, s).reshape(m, per_trajectory)
     return trajectory[times, jnp.arange(m)[:, None]]
+
 
 SERGIO_VARIANTS: dict[str, dict] = {
     "": {},
