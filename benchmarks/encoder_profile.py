@@ -1,11 +1,13 @@
 """Forward vs gradient cost of the paper-size encoder on one CPU micro-batch.
 
-    python -m benchmarks.encoder_profile [--histories 4] [--repeats 30]
+    python -m benchmarks.encoder_profile [--histories 4] [--repeats 30] [--kernels 20]
 
 Times the policy encoder (ffn 4x) with and without dropout and the critic encoder
 (ffn 2x), forward and gradient, on a micro-batch of [60, 10, 2] histories, and one
 variable-axis and one sample-axis block alone. These are the figures behind "What
-limits the gradient step" in RESULTS.md. Prints JSON (milliseconds, medians).
+limits the gradient step" in RESULTS.md. Prints JSON (milliseconds, medians). With
+`--kernels N`, also the N slowest XLA kernels of the gradient of one policy
+sample-axis block (dropout on, padded rows masked), from a `jax.profiler` trace.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, time_call
+from benchmarks.common import emit, machine_info, profile_kernels, time_call
 from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
 
 N_ROWS, D, WIDTH = 60, 10, 32
@@ -39,10 +41,30 @@ def fwd_and_grad(module, params, *inputs, repeats: int, rngs=None) -> dict:
     }
 
 
+def sample_block_kernels(tokens, key_mask, top: int, calls: int) -> list[dict]:
+    """Top kernels of the gradient (params and input) of a policy sample-axis block
+    (ffn 4x, dropout 0.1) on tokens f32[B, d, N, D] with key_mask bool[B, 1, N]."""
+    block = TransformerBlock(num_heads=8, ffn_width=4 * WIDTH, dropout=0.1, deterministic=False)
+    key = jax.random.key(1)
+    params = block.init({"params": key, "dropout": key}, tokens, key_mask)
+
+    @jax.jit
+    def grad(p, x, m):
+        def loss(q, y):
+            return jnp.sum(block.apply(q, y, m, rngs={"dropout": key}) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))(p, x)
+
+    for _ in range(3):
+        jax.block_until_ready(grad(params, tokens, key_mask))
+    return profile_kernels(grad, params, tokens, key_mask, calls=calls, top=top)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--histories", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--kernels", type=int, default=0, help="top kernels to profile")
     args = parser.parse_args(argv)
     b, key = args.histories, jax.random.key(0)
     data = jax.random.normal(key, (b, N_ROWS, D, 2))
@@ -68,6 +90,10 @@ def main(argv=None) -> None:
         params = block.init(key, tokens, key_mask)
         results[f"block_{name}"] = fwd_and_grad(
             block, params, tokens, key_mask, repeats=args.repeats
+        )
+    if args.kernels:
+        results["policy_block_samples_grad_kernels"] = sample_block_kernels(
+            jnp.swapaxes(x, 1, 2), mask[:, None, :], args.kernels, args.repeats
         )
     emit(
         {

@@ -373,6 +373,16 @@ step without micro-batching), measured on this VM during development:
   14-15 ms per 4 histories, two runs) while its blocks alone cost about 4.4x; the remainder is in the
   masked max-pool, the layout changes between the variable and sample axes, and the
   per-chunk parameter-gradient accumulation. This is the next thing to attack.
+- **Constant buffers.** XLA's CPU backend hands scalar constants to its XNNPACK
+  fusions as materialised broadcasts. Policy dropout written as
+  `where(keep, x / (1 - rate), 0)` made an all-zeros [4, 10, 8, 60, 60] buffer per
+  sample-axis block that took 0.4-2.3 ms to write
+  (`python -m benchmarks.encoder_profile --kernels 12`, the gradient of one policy
+  sample-axis block); as a multiply by (keep ? 1 / (1 - rate) : 0) it is gone and the
+  policy encoder's gradient went from 105-115 ms to 93 ms per 4 histories, what it costs
+  without dropout (2026-11-29). In that block's gradient the largest kernels are now the
+  two backward attention products (1.4 and 0.9 ms: 320 batched 60x60 by 60x4 products,
+  ~8 GFLOP/s) and the fused logits / softmax passes (0.6-0.9 ms each).
 - **Two cores.** XLA's CPU runtime used about 1.5 of the 2 cores on these small ops
   (process CPU time / wall time); splitting the batch over 2 fake devices lets each
   core run its own stream (table above)."""

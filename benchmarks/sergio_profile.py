@@ -11,37 +11,13 @@ times each runs per step. These are the figures behind "Status" in RESULTS_SERGI
 from __future__ import annotations
 
 import argparse
-import collections
-import gzip
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 
-from benchmarks.common import emit, machine_info
+from benchmarks.common import emit, machine_info, profile_kernels
 from benchmarks.sergio_throughput import design_steps_fn
 from caasl_jax.envs.registry import make_env
-
-
-def kernel_times(trace_dir: Path, calls: int, steps: int, top: int) -> list[dict]:
-    """The `top` XLA kernels of a perfetto trace by total time, per design step."""
-    path = sorted(trace_dir.glob("**/*.json.gz"))[-1]
-    events = json.load(gzip.open(path))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    total, count = collections.Counter(), collections.Counter()
-    for event in events:
-        name = event.get("name", "")
-        if event.get("ph") == "X" and not name.startswith("$") and "Thunk" not in name \
-                and not name.startswith(("Pjit", "while")):  # fmt: skip
-            total[name] += event["dur"]
-            count[name] += 1
-    return [
-        {"kernel": name, "us_per_step": us / (calls * steps),
-         "per_step": count[name] / (calls * steps)}
-        for name, us in total.most_common(top)
-    ]
 
 
 def main(argv=None) -> None:
@@ -59,11 +35,8 @@ def main(argv=None) -> None:
     for _ in range(args.calls):
         jax.block_until_ready(steps(key, states))
     call_ms = 1000 * (time.perf_counter() - start) / args.calls
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.calls):
-                jax.block_until_ready(steps(key, states))
-        kernels = kernel_times(Path(trace_dir), args.calls, env.budget, args.top)
+    kernels = profile_kernels(steps, key, states, calls=args.calls, per_call=env.budget,
+                              top=args.top)
     emit({
         "benchmark": "sergio_profile",
         "batch": args.batch,
