@@ -382,7 +382,14 @@ step without micro-batching), measured on this VM during development:
   policy encoder's gradient went from 105-115 ms to 93 ms per 4 histories, what it costs
   without dropout (2026-11-29). In that block's gradient the largest kernels are now the
   two backward attention products (1.4 and 0.9 ms: 320 batched 60x60 by 60x4 products,
-  ~8 GFLOP/s) and the fused logits / softmax passes (0.6-0.9 ms each).
+  ~8 GFLOP/s) and the fused logits / softmax passes (0.6-0.9 ms each). The gradient-step
+  tables above predate this change. Two full reruns of `grad_step` after it
+  (2026-11-29 07:53-08:12 UTC, a slow spell of this VM: avici's simulator ran at
+  457-465 cells/s against 505-582 the day before) gave 14.2 and 15.7 s at B = 256 on one
+  device and 11.7 and 15.2 s on two: inside the VM's run-to-run spread, so the tables
+  were not replaced. Writing the variable-axis attention products (10 x 10 x 4) as
+  broadcast-multiply-sums instead of batched dots made that block's gradient slower
+  (7.1 -> 10.6 ms; not kept).
 - **Two cores.** XLA's CPU runtime used about 1.5 of the 2 cores on these small ops
   (process CPU time / wall time); splitting the batch over 2 fake devices lets each
   core run its own stream (table above)."""
