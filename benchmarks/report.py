@@ -376,8 +376,8 @@ step without micro-batching), measured on this VM during development:
 - **Constant buffers.** XLA's CPU backend hands scalar constants to its XNNPACK
   fusions as materialised broadcasts. Policy dropout written as
   `where(keep, x / (1 - rate), 0)` made an all-zeros [4, 10, 8, 60, 60] buffer per
-  sample-axis block that took 0.4-2.3 ms to write
-  (`python -m benchmarks.encoder_profile --kernels 12`, the gradient of one policy
+  sample-axis block that took 2.1-2.3 ms to write (two runs of
+  `python -m benchmarks.encoder_profile --kernels 12`, the gradient of one policy
   sample-axis block); as a multiply by (keep ? 1 / (1 - rate) : 0) it is gone and the
   policy encoder's gradient went from 105-115 ms to 93 ms per 4 histories, what it costs
   without dropout (2026-11-29). In that block's gradient the largest kernels are now the

@@ -22,8 +22,8 @@ across calls (tests/test_dropout.py checks the keep rate, the scaling and the in
 The mask is applied as a multiply by (keep ? 1 / (1 - rate) : 0), not as
 `where(keep, x / (1 - rate), 0)`: XLA's CPU backend fed that `where`'s zeros to an
 XNNPACK fusion as a materialised constant as big as the attention weights
-([4, 10, 8, 60, 60] per micro-batch; 0.4-2.3 ms to write per sample-axis block in
-`python -m benchmarks.encoder_profile --kernels 12`). The policy encoder's gradient
+([4, 10, 8, 60, 60] per micro-batch; 2.1-2.3 ms to write per sample-axis block in
+two runs of `python -m benchmarks.encoder_profile --kernels 12`). The policy encoder's gradient
 went from 105-115 ms to 93 ms per 4 histories, the cost without dropout (2026-11-29,
 `encoder_profile`, "encoder_policy", before and after this change).
 """

@@ -374,7 +374,6 @@ def measure_counts(
     """
     chex.assert_rank(clean, 2)
     n, d = clean.shape
-    chex.assert_shape(words, (measure_word_count(n, d, poisson_rounds),))
     entry_words, library_words = split_words(words, ((poisson_rounds + 2) * n * d, n))
     entry_words = entry_words.reshape(poisson_rounds + 2, n * d)
     library_normal = ndtri(bits_to_uniform(library_words))
