@@ -19,6 +19,7 @@ from caasl_jax.agents.networks import (
     mode_action,
     paper_configs,
     policy_distribution,
+    softmax_attention,
     sample_action,
     to_env_action,
     to_per_variable,
@@ -137,6 +138,38 @@ def test_self_attention_matches_plain_softmax_attention(monkeypatch):
     got = dropped.apply(params, x, key_mask)
     want = _reference_attention(params, x, key_mask, keep=keep, rate=0.25)
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def _plain_attention(q, kt, v, key_mask, drop_scale):
+    logits = q @ kt / jnp.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = jnp.where(key_mask, logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, -1)
+    return (weights if drop_scale is None else weights * drop_scale) @ v
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dropped", [False, True])
+def test_softmax_attention_gradient_matches_autodiff(masked, dropped):
+    """The hand-written backward pass of `softmax_attention` is the gradient of plain
+    softmax attention, with padded keys and dropout of the weights."""
+    ks = jax.random.split(jax.random.key(11), 5)
+    q = jax.random.normal(ks[0], (3, 2, 7, 4))  # [batch, heads, S, C]
+    kt = jax.random.normal(ks[1], (3, 2, 4, 7))
+    v = jax.random.normal(ks[2], (3, 2, 7, 4))
+    cotangent = jax.random.normal(ks[3], (3, 2, 7, 4))
+    key_mask = (jnp.arange(7) < 5)[None, None, None, :] if masked else None
+    keep = jax.random.bernoulli(ks[4], 0.75, (3, 2, 7, 7))
+    drop_scale = jnp.where(keep, 1 / 0.75, 0.0) if dropped else None
+
+    def loss(attention):
+        return lambda *qkv: jnp.sum(attention(*qkv, key_mask, drop_scale) * cotangent)
+
+    got_value, got = jax.value_and_grad(loss(softmax_attention), (0, 1, 2))(q, kt, v)
+    want_value, want = jax.value_and_grad(loss(_plain_attention), (0, 1, 2))(q, kt, v)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=ATOL)
 
 
 def test_masked_max_pool():
