@@ -29,71 +29,94 @@ RELEASE = {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7}
 N_ROWS, D = 60, 10
 
 
+def _histories(key, shape):
+    """Random histories [*shape] of [60, 10, 2] with 50..60 valid rows."""
+    import jax
+
+    from caasl_jax.envs.core import History
+
+    data = jax.random.normal(key, (*shape, N_ROWS, D, 2))
+    return History(data=data, length=jax.random.randint(key, shape, 50, N_ROWS + 1))
+
+
+def paper_agent(env: str = "linear", microbatch: int | None = None):
+    """(REDQ agent at the paper's network sizes, its initial state, action size)."""
+    import jax
+    import jax.numpy as jnp
+
+    from caasl_jax.agents.networks import paper_configs
+    from caasl_jax.agents.redq import REDQ, REDQConfig
+
+    policy, critic = paper_configs(env)
+    agent = REDQ(policy, critic, REDQConfig(microbatch=microbatch))
+    action_dim = D * policy.per_variable
+    key = jax.random.key(0)
+    state = agent.init(key, _histories(key, ()), jnp.zeros((action_dim,)))
+    return agent, state, action_dim
+
+
+def update_step(batch: int, devices: int = 1, env: str = "linear", microbatch: int | None = None):
+    """(jitted REDQ update, its inputs (state, minibatch [1, B], key)) at paper sizes;
+    with devices > 1 the batch is split over them with shard_map as in the trainer."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from caasl_jax.agents.redq import Transition
+
+    agent, state, action_dim = paper_agent(env, microbatch)
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    minibatch = Transition(
+        obs=_histories(k1, (1, batch)),
+        action=jax.random.uniform(k2, (1, batch, action_dim), minval=-1, maxval=1),
+        reward=jax.random.normal(k3, (1, batch)),
+        next_obs=_histories(k2, (1, batch)),
+        done=jnp.zeros((1, batch)),
+    )
+    if devices == 1:
+        return jax.jit(agent.update), (state, minibatch, jax.random.key(0))
+    mesh = Mesh(jax.devices()[:devices], ("data",))
+    batch_spec = jax.tree.map(lambda _: P(None, "data"), minibatch)
+    step = jax.jit(
+        jax.shard_map(
+            lambda s, bt, k: agent.update(s, bt, k, axis_name="data"),
+            mesh=mesh,
+            in_specs=(P(), batch_spec, P()),
+            out_specs=(P(), P()),
+        )
+    )
+    minibatch = jax.device_put(
+        minibatch, jax.tree.map(lambda s: NamedSharding(mesh, s), batch_spec)
+    )
+    return step, (state, minibatch, jax.random.key(0))
+
+
 def _measure(spec: dict) -> dict:
     import jax
 
     if spec["devices"] > 1:
         jax.config.update("jax_num_cpu_devices", spec["devices"])
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from benchmarks.common import time_call
-    from caasl_jax.agents.networks import paper_configs
-    from caasl_jax.agents.redq import REDQ, REDQConfig, Transition
-    from caasl_jax.envs.core import History
 
-    policy, critic = paper_configs(spec["env"])
-    agent = REDQ(policy, critic, REDQConfig(microbatch=spec["microbatch"]))
-    action_dim = D * policy.per_variable
-    key = jax.random.key(0)
-
-    def histories(k, shape):
-        data = jax.random.normal(k, (*shape, N_ROWS, D, 2))
-        return History(data=data, length=jax.random.randint(k, shape, 50, N_ROWS + 1))
-
-    one = histories(key, ())
-    state = agent.init(key, one, jnp.zeros((action_dim,)))
-    precision = spec["matmul_precision"]
     result = dict(spec)
-    with jax.default_matmul_precision(precision):
+    with jax.default_matmul_precision(spec["matmul_precision"]):
         if spec["what"] == "act":
-            obs = histories(jax.random.key(1), (spec["batch"],))
+            agent, state, _ = paper_agent(spec["env"], spec["microbatch"])
+            obs = _histories(jax.random.key(1), (spec["batch"],))
             act = jax.jit(lambda p, k, o: agent.act(p, k, o)[0])
-            timing = time_call(act, state.policy_params, key, obs, repeats=spec["repeats"])
+            timing = time_call(
+                act, state.policy_params, jax.random.key(0), obs, repeats=spec["repeats"]
+            )
             result.update(
                 seconds=timing["median_s"], histories_per_s=spec["batch"] / timing["median_s"]
             )
         else:
             b = spec["batch"]
-            k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
-            batch = Transition(
-                obs=histories(k1, (1, b)),
-                action=jax.random.uniform(k2, (1, b, action_dim), minval=-1, maxval=1),
-                reward=jax.random.normal(k3, (1, b)),
-                next_obs=histories(k2, (1, b)),
-                done=jnp.zeros((1, b)),
-            )
-            n = spec["devices"]
-            if n == 1:
-                step = jax.jit(agent.update)
-            else:
-                mesh = Mesh(jax.devices()[:n], ("data",))
-                batch_spec = jax.tree.map(lambda _: P(None, "data"), batch)
-                step = jax.jit(
-                    jax.shard_map(
-                        lambda s, bt, k: agent.update(s, bt, k, axis_name="data"),
-                        mesh=mesh,
-                        in_specs=(P(), batch_spec, P()),
-                        out_specs=(P(), P()),
-                    )
-                )
-                batch = jax.device_put(
-                    batch, jax.tree.map(lambda s: NamedSharding(mesh, s), batch_spec)
-                )
-            compiled = step.lower(state, batch, key).compile()
-            memory = compiled.memory_analysis()
-            timing = time_call(step, state, batch, key, repeats=spec["repeats"])
+            step, inputs = update_step(b, spec["devices"], spec["env"], spec["microbatch"])
+            memory = step.lower(*inputs).compile().memory_analysis()
+            timing = time_call(step, *inputs, repeats=spec["repeats"])
             result.update(
                 seconds=timing["median_s"],
                 histories_per_s=b / timing["median_s"],
