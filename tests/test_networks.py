@@ -19,8 +19,8 @@ from caasl_jax.agents.networks import (
     mode_action,
     paper_configs,
     policy_distribution,
-    softmax_attention,
     sample_action,
+    softmax_attention,
     to_env_action,
     to_per_variable,
 )
