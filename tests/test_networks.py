@@ -20,10 +20,10 @@ from caasl_jax.agents.networks import (
     paper_configs,
     policy_distribution,
     sample_action,
+    softmax_attention,
     to_env_action,
     to_per_variable,
 )
-from caasl_jax.attention import softmax_attention
 
 ENC = EncoderConfig(dim=8, num_layers=2, num_heads=2, ffn_multiplier=2, dropout=0.0)
 N, D, LENGTH = 7, 4, 5

@@ -34,7 +34,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from caasl_jax.attention import softmax_attention
 from caasl_jax.dropout import HashDropout
 from caasl_jax.reward.standardize import standardize
 
@@ -43,6 +42,7 @@ Params = Any
 _ATTN_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 _KAIMING_UNIFORM = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 _EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+_MASKED_LOGIT = -1e30  # large finite negative, as Haiku's masked attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +126,16 @@ class MultiHeadAttention(nn.Module):
             y = nn.Dense(self.heads * self.key_size, kernel_init=_ATTN_INIT, name=name)(x)
             return y.reshape(*x.shape[:-1], self.heads, self.key_size)
 
-        q = jnp.swapaxes(project(q_in, "query"), -3, -2)  # [..., H, T, K]
-        kt = jnp.moveaxis(project(k_in, "key"), -3, -1)  # [..., H, K, T]
-        v = jnp.swapaxes(project(v_in, "value"), -3, -2)
+        q = project(q_in, "query")
+        k = project(k_in, "key")
+        v = project(v_in, "value")
+        logits = jnp.einsum("...thk,...Thk->...htT", q, k) / jnp.sqrt(
+            jnp.asarray(self.key_size, q.dtype)
+        )
         if key_mask is not None:
-            key_mask = key_mask[..., None, None, :]
-        out = jnp.swapaxes(softmax_attention(q, kt, v, key_mask), -3, -2)  # [..., T, H, K]
+            logits = jnp.where(key_mask[..., None, None, :], logits, _MASKED_LOGIT)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("...htT,...Thk->...thk", weights, v)
         out = out.reshape(*out.shape[:-2], self.heads * self.key_size)
         return nn.Dense(self.model_size, kernel_init=_ATTN_INIT, name="out")(out)
 
