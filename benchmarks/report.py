@@ -381,9 +381,9 @@ step without micro-batching), measured on this VM during development:
   ~8 GFLOP/s; see the next item) and the fused logits / softmax passes (0.6-0.9 ms
   each). Two full reruns of `grad_step` right after it (2026-11-29 07:53-08:12 UTC, a
   slow spell of this VM) gave 14.2 and 15.7 s at B = 256 on one device and 11.7 and
-  15.2 s on two, inside the VM's run-to-run spread. Writing the variable-axis attention products (10 x 10 x 4) as
-  broadcast-multiply-sums instead of batched dots made that block's gradient slower
-  (7.1 -> 10.6 ms; not kept).
+  15.2 s on two, inside the VM's run-to-run spread. Writing the variable-axis
+  attention products (10 x 10 x 4) as broadcast-multiply-sums instead of batched dots
+  made that block's gradient slower (7.1 -> 10.6 ms; not kept).
 - **Backward attention products.** Autodiff writes the gradient of `q @ k^T` and
   `w @ v` with products that contract the leading axis of the left operand
   (dk = dlogits^T q, dv = w^T g). XLA's CPU backend cannot give those to its YNNPACK
@@ -397,15 +397,21 @@ step without micro-batching), measured on this VM during development:
   back into the products and the slow form returns). One core, B = 32: 2.40 -> 2.29 s.
   Paper step, B = 256, one run each in the same session: 12.02 -> 9.75 s on 2 fake
   devices, 14.13 -> 14.01 s on one (there XLA was already overlapping the slow
-  products with other work on the second core). Tried and not kept: writing the
+  products with other work on the second core). The AVICI reward model could use the same
+  function (its training gradient, shipped size, 32 histories, one core: 504-523 ->
+  448-491 ms in three runs each) but does not yet: the small default's training run
+  is sensitive to any change of rounding in its reward (see the README), and that
+  change sent it to a final evaluation level with random designs. Tried and not kept: writing the
   products with K <= 16 as sums of outer products (one core, B = 32: 2.29 -> 2.91 s).
 - **Page faults in stand-alone profiles.** XLA allocates a program's temporaries for
   every call, so a jitted function called once per measurement touches fresh pages each
   time: the 4-history encoder gradient of `encoder_profile` takes ~29,600 minor page
   faults (121 MB) per call, which inflates its gradient figures above (89-93 ms
-  against a 15 ms forward pass). Inside the REDQ step the micro-batch loop reuses one allocation: ~67,000-71,000
-  faults per step whatever the batch size, 0.15-0.3 s of system time (about 2% at
-  B = 256). The remaining cost of the step is mostly the forward attention passes
+  against a 15 ms forward pass). Inside the REDQ step the micro-batch loop reuses one
+  allocation: ~67,000-71,000 faults per step whatever the batch size, 0.15-0.3 s of
+  system time (about 2% at B = 256); glibc's transparent huge pages
+  (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) remove the faults but did not change the
+  step's time (B = 64, two runs each). The remaining cost of the step is mostly the forward attention passes
   (logits, exp, value product: ~1.1-1.4 ms per 640 sample-axis heads on one core, bound
   by the exponentials; at B = 32 the critics alone run 128 of each per step: target
   critics, the critic loss and the policy loss, each over 8 micro-batches and 4 layers,
