@@ -411,9 +411,9 @@ step without micro-batching), measured on this VM during development:
   allocation: ~67,000-71,000 faults per step whatever the batch size, 0.15-0.3 s of
   system time (about 2% at B = 256); glibc's transparent huge pages
   (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) remove the faults but did not change the
-  step's time (B = 64, two runs each). The remaining cost of the step is mostly the forward attention passes
-  (logits, exp, value product: ~1.1-1.4 ms per 640 sample-axis heads on one core, bound
-  by the exponentials; at B = 32 the critics alone run 128 of each per step: target
+  step's time (B = 64, two runs each). The remaining cost of the step is mostly the
+  forward attention passes (logits, exp, value product: ~1.1-1.4 ms per 640 sample-axis
+  heads on one core, bound by the exponentials; at B = 32 the critics alone run 128 of each per step: target
   critics, the critic loss and the policy loss, each over 8 micro-batches and 4 layers,
   and XLA recomputes some of them inside its fusions).
 - **Two cores.** XLA's CPU runtime used about 1.5 of the 2 cores on these small ops
