@@ -51,9 +51,19 @@ class HashDropout(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"HashDropout: rate must be in [0, 1), got {self.rate!r}")
+        self._check_rate()
         if deterministic or self.rate == 0.0:
             return x
-        keep = keep_mask(self.make_rng("dropout"), x.shape, self.rate)
-        return x * jnp.where(keep, 1.0 / (1.0 - self.rate), 0.0).astype(x.dtype)
+        return x * self.keep_scale(x.shape, x.dtype)
+
+    def keep_scale(self, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        """dtype[shape]: the multiplier dropout applies, (keep ? 1 / (1 - rate) : 0), with a
+        fresh mask from the "dropout" RNG stream. For callers that fold the multiplier
+        into their own computation (`SelfAttention` scales unnormalised weights)."""
+        self._check_rate()
+        keep = keep_mask(self.make_rng("dropout"), shape, self.rate)
+        return jnp.where(keep, 1.0 / (1.0 - self.rate), 0.0).astype(dtype)
+
+    def _check_rate(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"HashDropout: rate must be in [0, 1), got {self.rate!r}")

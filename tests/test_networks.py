@@ -101,11 +101,9 @@ def _reference_attention(params, x, key_mask, keep=None, rate=0.0):
     q = jnp.einsum("sd,dhc->hsc", x, p["query"]["kernel"]) + p["query"]["bias"][:, None]
     k = jnp.einsum("sd,dhc->hsc", x, p["key"]["kernel"])
     v = jnp.einsum("sd,dhc->hsc", x, p["value"]["kernel"]) + p["value"]["bias"][:, None]
-    logits = q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(q.shape[-1])
-    weights = jax.nn.softmax(jnp.where(key_mask, logits, -jnp.inf), -1)
-    if keep is not None:
-        weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
-    out = jnp.swapaxes(weights @ v, 0, 1)  # [S, H, C]
+    drop_scale = None if keep is None else jnp.where(keep, 1.0 / (1.0 - rate), 0.0)
+    out = _plain_attention(q, jnp.swapaxes(k, -1, -2), v, key_mask, drop_scale)
+    out = jnp.swapaxes(out, 0, 1)  # [S, H, C]
     return jnp.einsum("shc,hcd->sd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
 
@@ -130,8 +128,9 @@ def test_self_attention_matches_plain_softmax_attention(monkeypatch):
         rate: float
         deterministic: bool = False
 
-        def __call__(self, weights):
-            return jnp.where(keep, weights / (1.0 - self.rate), 0.0)
+        def keep_scale(self, shape, dtype):
+            assert shape == keep.shape
+            return jnp.where(keep, 1.0 / (1.0 - self.rate), 0.0).astype(dtype)
 
     monkeypatch.setattr(networks, "HashDropout", FixedMaskDropout)
     dropped = SelfAttention(num_heads=2, dropout=0.25, deterministic=False)

@@ -205,12 +205,17 @@ def to_env_action(per_variable: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------
 
 
+def _sqrt_head_dim(q: jax.Array) -> jax.Array:
+    """sqrt(C) for queries f32[..., S, C], in q's dtype: attention logits are q k / sqrt(C)."""
+    return jnp.sqrt(q.shape[-1]).astype(q.dtype)
+
+
 def _attention_forward(q, kt, v, key_mask, drop_scale):
     """Softmax attention: q f32[..., S, C], kt f32[..., C, T], v f32[..., T, C] ->
     (out f32[..., S, C], residuals). key_mask bool broadcastable to [..., S, T] or None
     (False: weight 0); drop_scale f32 broadcastable to [..., S, T] or None (dropout of
     the weights, applied after the softmax)."""
-    logits = (q @ kt) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits = (q @ kt) / _sqrt_head_dim(q)
     if key_mask is not None:
         logits = jnp.where(key_mask, logits, jnp.finfo(logits.dtype).min)
     # the division by the row sums comes after the value product, on [..., S, C]
@@ -255,9 +260,7 @@ def _attention_bwd(residuals, g):
     d_weighted = g @ t(v)  # [..., S, T]
     d_unnormalized = d_weighted if drop_scale is None else d_weighted * drop_scale
     # exp's derivative; the max shift cancels between numerator and row sums
-    d_logits = (d_unnormalized + d_row_sums) * unnormalized / jnp.sqrt(q.shape[-1]).astype(
-        q.dtype
-    )
+    d_logits = (d_unnormalized + d_row_sums) * unnormalized / _sqrt_head_dim(q)
     dq = d_logits @ t(kt)  # [..., S, T] @ [..., T, C]
     dkt = t(q) @ d_logits  # [..., C, S] @ [..., S, T]
     return dq, dkt, dv, None, None
@@ -297,10 +300,7 @@ class SelfAttention(nn.Module):
         if not self.deterministic and self.dropout > 0.0:
             s = x.shape[-2]
             weights_shape = (*x.shape[:-2], self.num_heads, s, s)
-            # HashDropout's multiplier, (keep ? 1 / (1 - rate) : 0)
-            drop_scale = HashDropout(self.dropout, deterministic=False)(
-                jnp.ones(weights_shape, x.dtype)
-            )
+            drop_scale = HashDropout(self.dropout).keep_scale(weights_shape, x.dtype)
         out = jnp.swapaxes(softmax_attention(q, kt, v, key_mask, drop_scale), -3, -2)
         return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(out)
 
