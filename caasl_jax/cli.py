@@ -4,7 +4,7 @@ caasl train --config small [--set key=value ...] [--run-dir runs/x] [--overwrite
 caasl train --resume runs/x
 caasl pretrain-reward --env linear-d10 ...
 caasl evaluate --policy runs/x --env linear-d10 linear-ood [--n-envs 100 --seed 0]
-caasl export-policy runs/x policy.msgpack
+caasl export-policy runs/x policy.msgpack       (runs/x/best: the best-validated policy)
 caasl envs [--d 10]
 """
 
@@ -56,12 +56,14 @@ def _train(args) -> int:
         max_calls=args.max_calls,
     )
     print(
-        f"run written to {summary['run_dir']} (checkpoints/, metrics.jsonl, eval.jsonl, curves.png)"
+        f"run written to {summary['run_dir']} (checkpoints/, best/, metrics.jsonl, eval.jsonl, "
+        "curves.png)"
     )
     if summary["last_eval"]:
         e = summary["last_eval"]
         print(
-            f"held-out return: CAASL {e['eval_return']:.3f} ± {e['eval_return_se']:.3f}, "
+            "validation return (last evaluation): "
+            f"CAASL {e['eval_return']:.3f} ± {e['eval_return_se']:.3f}, "
             f"random {e['eval_random_return']:.3f} ± {e['eval_random_return_se']:.3f}"
         )
     return 0
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--policy",
         required=True,
-        help="run directory, exported policy file (.msgpack), or a baseline name",
+        help="run directory (its latest checkpoint), a run's best/ folder (its policy with "
+        "the best validation return), exported policy file (.msgpack), or a baseline name",
     )
     ev.add_argument(
         "--baselines",
@@ -201,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export-policy", help="write a run's policy (config + parameters) to one small file"
     )
-    export.add_argument("run_dir", help="training run directory")
+    export.add_argument(
+        "run_dir", help="training run directory (latest checkpoint) or its best/ folder"
+    )
     export.add_argument("out", help="output file, e.g. policies/linear-d10.msgpack")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_export_policy)

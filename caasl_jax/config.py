@@ -40,6 +40,9 @@ class TrainConfig:
     One host call runs `iterations_per_call` iterations; each iteration rolls out
     num_envs episodes, adds them to replay and, once replay holds warmup_episodes,
     runs `updates_per_iteration` REDQ updates (each utd critic steps + 1 policy step).
+    Every `eval_every` calls the policy is rolled out on `eval_envs` validation
+    environments (disjoint from the test environments of `caasl evaluate`); the policy
+    with the best validation return is kept in the run's best/ folder.
     """
 
     env: str = "linear-d5"

@@ -95,9 +95,17 @@ def rollout_rewards(env: Environment, policy: Policy, env_params: Any, key: jax.
     return rollout_episodes(env, policy, env_params, key)[2]
 
 
-def heldout_params(env: Environment, n_envs: int, seed: int) -> Any:
-    """Fixed held-out hidden parameters (leading axis [n_envs]) for evaluation."""
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x5EED), n_envs)
+#: disjoint held-out environment sets: "test" for `caasl evaluate` and experiments/,
+#: "validation" for the trainer's periodic evaluation (and its best checkpoint), so
+#: that choosing a checkpoint never looks at the environments it is reported on
+HELDOUT_SPLITS = {"test": 0x5EED, "validation": 0x7A1D}
+
+
+def heldout_params(env: Environment, n_envs: int, seed: int, split: str = "test") -> Any:
+    """Fixed held-out hidden parameters (leading axis [n_envs]) of one split."""
+    if split not in HELDOUT_SPLITS:
+        raise ValueError(f"unknown held-out split {split!r}; choose one of {list(HELDOUT_SPLITS)}")
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), HELDOUT_SPLITS[split]), n_envs)
     return jax.vmap(env.sample_params)(keys)
 
 
@@ -306,7 +314,8 @@ def _policy_template(agent, env: Environment):
 
 
 def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False) -> Path:
-    """Write a run's latest policy (config + policy parameters only) to one msgpack file.
+    """Write a run's latest policy (config + policy parameters only) to one msgpack file;
+    `run_dir` may also be a run's best/ folder (its best-validated policy).
 
     The file is what `load_policy` reads and what `caasl evaluate --policy FILE` takes;
     critics, optimiser state and replay stay in the run directory.
@@ -320,7 +329,7 @@ def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    _, policy_params, config = load_trained_policy(run_dir)
+    _, policy_params, config = load_trained_policy(*_run_checkpoint(Path(run_dir)))
     tree = {
         "format": POLICY_FORMAT,
         "config": json.dumps(to_dict(config), sort_keys=True),
@@ -364,14 +373,24 @@ def is_policy_spec(spec: str | Path) -> bool:
     return Path(spec).exists() or str(spec) in available_policies()
 
 
+def _run_checkpoint(path: Path) -> tuple[Path, str]:
+    """(run directory, "latest" | "best") for a run directory or a run's best/ folder."""
+    from caasl_jax.train import RunDir
+
+    if path.name == "best" and RunDir(path.parent).config.is_file():
+        return path.parent, "best"
+    return path, "latest"
+
+
 def load_policy(spec: str | Path):
-    """(agent, policy_params, config) of a run directory's latest checkpoint, a policy
-    file written by `export_policy`, or a shipped policy by name (e.g. "linear-d10")."""
+    """(agent, policy_params, config) of a run directory's latest checkpoint, of a run's
+    best/ folder (its policy with the highest validation return), of a policy file
+    written by `export_policy`, or of a shipped policy by name (e.g. "linear-d10")."""
     path = Path(spec)
     if path.is_dir():
         from caasl_jax.train import load_trained_policy
 
-        return load_trained_policy(path)
+        return load_trained_policy(*_run_checkpoint(path))
     if path.is_file():
         return _read_policy_file(path)
     if str(spec) in available_policies():

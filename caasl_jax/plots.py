@@ -13,7 +13,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_training_curves(metrics_path, evals_path, out_path) -> Path:
-    """Training return, losses and held-out evaluation (policy vs random) per iteration."""
+    """Training return, losses and validation returns (policy vs random) per iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def plot_training_curves(metrics_path, evals_path, out_path) -> Path:
     if evals:
         eit = [e["iteration"] for e in evals]
         for key, label, color in [
-            ("eval_return", "CAASL (held-out)", "C3"),
+            ("eval_return", "CAASL (validation envs)", "C3"),
             ("eval_random_return", "random designs", "C7"),
         ]:
             mean = [e[key] for e in evals]

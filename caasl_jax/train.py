@@ -343,7 +343,8 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
 def make_evaluator(trainer: Trainer, reward_params):
     """evaluate(policy_params) -> held-out returns of the policy and of random designs.
 
-    The held-out environments are fixed by the seed; the random baseline runs once.
+    The held-out environments are the seed's "validation" split, disjoint from the
+    "test" split `caasl evaluate` reports on; the random baseline runs once.
     """
     cfg = trainer.config
     cache_key = ("eval", trainer.cache_key())
@@ -352,7 +353,7 @@ def make_evaluator(trainer: Trainer, reward_params):
         @functools.partial(jax.jit, static_argnames="baseline")
         def heldout_returns(policy_params, reward_params, baseline: bool):
             env = scored_env(trainer.env, trainer.score_builder, reward_params)
-            params = heldout_params(trainer.env, cfg.eval_envs, cfg.seed)
+            params = heldout_params(trainer.env, cfg.eval_envs, cfg.seed, split="validation")
             if baseline:
                 policy = random_policy(env)
             else:
@@ -384,7 +385,9 @@ def make_evaluator(trainer: Trainer, reward_params):
 
 
 class RunDir:
-    """Layout of a run directory: config.yaml, metrics.jsonl, eval.jsonl, tb/, checkpoints/."""
+    """Layout of a run directory: config.yaml, metrics.jsonl, eval.jsonl, tb/,
+    checkpoints/ (latest states, for resuming) and best/ (the policy parameters with the
+    highest validation return so far)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -393,6 +396,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     evals = property(lambda self: self.path / "eval.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
+    best = property(lambda self: self.path / "best")
     tensorboard = property(lambda self: self.path / "tb")
     plot = property(lambda self: self.path / "curves.png")
 
@@ -431,24 +435,52 @@ def _checkpoint_manager(run: RunDir, config: TrainConfig):
     return ocp.CheckpointManager(run.checkpoints.absolute(), options=options)
 
 
-def restore_state(manager, trainer: Trainer, template: TrainState) -> tuple[TrainState, int]:
-    """The latest checkpoint restored with the template's shardings; (state, calls done)."""
+def _best_manager(run: RunDir):
+    """Orbax manager of best/: one checkpoint, the policy with the highest eval_return.
+
+    Saves synchronously (policy parameters only, small): with two managers saving in
+    the background at once, a multi-process run timed out in orbax's cross-process
+    barriers (tests/test_distributed.py).
+    """
     import orbax.checkpoint as ocp
 
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda metrics: metrics["eval_return"],
+        best_mode="max",
+        create=True,
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(run.best.absolute(), options=options)
+
+
+def best_eval_return(best_manager) -> float:
+    """Validation return of the policy in best/ (-inf when there is none yet)."""
+    step = best_manager.best_step()
+    return -math.inf if step is None else float(best_manager.metrics(step)["eval_return"])
+
+
+def restore_state(manager, trainer: Trainer, template: TrainState) -> tuple[TrainState, int]:
+    """The latest checkpoint restored with the template's shardings; (state, calls done)."""
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint found under {manager.directory}")
-    shardings = trainer.state_sharding(template)
+    return _restore(manager, step, template, trainer.state_sharding(template)), int(step)
+
+
+def _restore(manager, step: int, template, shardings):
+    """Checkpoint `step` of `manager` as arrays shaped like `template`, placed by `shardings`."""
+    import orbax.checkpoint as ocp
+
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, shardings
     )
     try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as error:  # orbax raises many types for a damaged checkpoint
         raise ValueError(
             f"checkpoint {step} under {manager.directory} is unreadable: {error}"
         ) from error
-    return restored, int(step)
 
 
 def _truncate_jsonl(path: Path, max_call: int) -> None:
@@ -484,7 +516,8 @@ def train(
     """Train (or resume) a CAASL policy; returns a summary dict.
 
     Writes config.yaml, metrics.jsonl (one line per iteration), eval.jsonl, TensorBoard
-    events under tb/, orbax checkpoints under checkpoints/ and curves.png.
+    events under tb/, orbax checkpoints under checkpoints/, the policy with the best
+    validation return under best/ and curves.png.
     `max_calls` stops early after that many host calls (used by tests).
     """
     from tqdm.auto import tqdm
@@ -497,12 +530,17 @@ def train(
 
     state = trainer.init_state()
     manager = _checkpoint_manager(run, config)  # every process: each saves its shards
+    best_manager = _best_manager(run)
     calls_done = 0
     if resume:
         state, calls_done = restore_state(manager, trainer, state)
+        for step in best_manager.all_steps():
+            if step > calls_done:  # evaluated after the resumed state: redone below
+                best_manager.delete(step)
         if primary:
             _truncate_jsonl(run.metrics, calls_done - 1)
             _truncate_jsonl(run.evals, calls_done - 1)
+    best_return = best_eval_return(best_manager)
 
     chunk = trainer.compile_chunk(state)
     evaluate = make_evaluator(trainer, reward_params)  # every process (one SPMD program)
@@ -545,6 +583,13 @@ def train(
                 eval_file.write(json.dumps(eval_row) + "\n")
                 eval_file.flush()
                 _log_scalars(writer, eval_row, eval_row["iteration"])
+                if eval_row["eval_return"] > best_return:
+                    best_return = eval_row["eval_return"]
+                    best_manager.save(
+                        call + 1,
+                        args=_save_args(state.agent.policy_params),
+                        metrics={"eval_return": best_return},
+                    )
             if (call + 1) % config.checkpoint_every == 0 or call + 1 == last_call:
                 manager.save(call + 1, args=_save_args(state))
             bar.set_postfix(
@@ -559,6 +604,7 @@ def train(
             bar.update(1)
     bar.close()
     manager.wait_until_finished()
+    best_manager.wait_until_finished()
     if writer is not None:
         writer.close()
     if primary:
@@ -609,10 +655,10 @@ def _log_file(path: Path, primary: bool):
     return path.open("a") if primary else contextlib.nullcontext(_NullFile())
 
 
-def _save_args(state: TrainState):
+def _save_args(tree):
     import orbax.checkpoint as ocp
 
-    return ocp.args.StandardSave(state)
+    return ocp.args.StandardSave(tree)
 
 
 def _tensorboard(run: RunDir):
@@ -631,13 +677,28 @@ def _log_scalars(writer, row: dict, step: int) -> None:
             writer.add_scalar(name, value, step)
 
 
-def load_trained_policy(run_dir: str | Path):
-    """(agent, policy_params, config) of a run's latest checkpoint, on one device."""
+CHECKPOINT_CHOICES = ("latest", "best")
+
+
+def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest"):
+    """(agent, policy_params, config) of a run's latest checkpoint or of its best/
+    (highest validation return), on one device."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"unknown checkpoint {checkpoint!r}; choose one of {CHECKPOINT_CHOICES}")
     run = RunDir(run_dir)
     config = run.load_config()
-    if not run.checkpoints.exists():
-        raise FileNotFoundError(f"{run.path} has no checkpoints/ to load a policy from")
+    folder = run.checkpoints if checkpoint == "latest" else run.best
+    if not folder.exists():
+        raise FileNotFoundError(f"{run.path} has no {folder.name}/ to load a policy from")
     trainer, _ = make_trainer(config, devices=jax.local_devices()[:1])
     template = trainer.init_state()
-    state, _ = restore_state(_checkpoint_manager(run, config), trainer, template)
-    return trainer.agent, state.agent.policy_params, config
+    if checkpoint == "latest":
+        state, _ = restore_state(_checkpoint_manager(run, config), trainer, template)
+        return trainer.agent, state.agent.policy_params, config
+    best_manager = _best_manager(run)
+    step = best_manager.best_step()
+    if step is None:
+        raise FileNotFoundError(f"{run.best} holds no checkpoint")
+    policy_template = template.agent.policy_params
+    shardings = trainer.state_sharding(template).agent.policy_params
+    return trainer.agent, _restore(best_manager, step, policy_template, shardings), config

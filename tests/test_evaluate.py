@@ -188,3 +188,18 @@ def test_likelihood_baselines_are_left_out_where_no_likelihood_exists():
     ]
     assert "likelihood" in skipped[-1][2]
     assert ev.not_applicable(envs, []) == []
+
+
+def test_validation_and_test_environments_are_disjoint():
+    """The trainer picks its best checkpoint on the "validation" split; `caasl evaluate`
+    reports on "test": the two must be different environments under one seed."""
+    env = make_env("linear-d4")
+    test = ev.heldout_params(env, 3, 0)
+    validation = ev.heldout_params(env, 3, 0, split="validation")
+    pairs = zip(jax.tree.leaves(test), jax.tree.leaves(validation), strict=True)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+    same = ev.heldout_params(env, 3, 0, split="test")
+    for a, b in zip(jax.tree.leaves(test), jax.tree.leaves(same), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="unknown held-out split 'valid'"):
+        ev.heldout_params(env, 3, 0, split="valid")

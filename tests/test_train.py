@@ -105,9 +105,32 @@ def test_resume_is_bit_identical(tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     lines = lambda run: (tmp_path / run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines("b")] == [1, 2, 3, 4]
-    for name in ("curves.png", "eval.jsonl", "config.yaml", "checkpoints"):
+    for name in ("curves.png", "eval.jsonl", "config.yaml", "checkpoints", "best"):
         assert (tmp_path / "b" / name).exists()
     assert list((tmp_path / "b" / "tb").iterdir())
+    best = [train_lib.load_trained_policy(tmp_path / run, "best")[1] for run in ("a", "b")]
+    for x, y in zip(*map(jax.tree.leaves, best), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_best_holds_the_policy_with_the_best_validation_return(tiny, tmp_path):
+    _, data, _ = tiny
+    config = from_dict(TrainConfig, {**data, "iterations": 8})  # 4 evaluations
+    run = tmp_path / "run"
+    train_lib.train(config, run, progress=False)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    best_row = max(evals, key=lambda row: row["eval_return"])
+    manager = train_lib._best_manager(train_lib.RunDir(run))
+    assert manager.all_steps() == [best_row["call"] + 1]
+    assert train_lib.best_eval_return(manager) == best_row["eval_return"]
+    trainer, reward_params = train_lib.make_trainer(config)
+    _, params, _ = train_lib.load_trained_policy(run, "best")
+    evaluate = train_lib.make_evaluator(trainer, reward_params)
+    assert evaluate(params)["eval_return"] == best_row["eval_return"]
+    _, latest, _ = train_lib.load_trained_policy(run)
+    assert evaluate(latest)["eval_return"] == evals[-1]["eval_return"]
+    with pytest.raises(ValueError, match="unknown checkpoint 'bset'"):
+        train_lib.load_trained_policy(run, "bset")
 
 
 def test_existing_run_is_not_overwritten(tiny, tmp_path):
@@ -170,7 +193,7 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys):
     run = tmp_path / "cli-run"
     args = ["train", "--config", str(config_file), "--run-dir", str(run), "--max-calls", "1"]
     assert cli_main(args) == 0
-    assert "held-out return" in capsys.readouterr().out
+    assert "validation return" in capsys.readouterr().out
     assert cli_main(args) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     assert cli_main(["train", "--resume", str(run)]) == 0
@@ -340,6 +363,11 @@ def test_cli_evaluate_policy_and_baselines(tiny, tmp_path, capsys):
     assert cli_main(again_args) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())["results"]
     assert again["linear-d3"]["caasl"] == caasl
+    # a run's best/ folder is a policy too (here the only evaluated one: the latest)
+    best_args = [*again_args[:-1], str(tmp_path / "best"), "--policy", str(run / "best")]
+    assert cli_main(best_args) == 0
+    best = json.loads((tmp_path / "best" / "results.json").read_text())["results"]
+    assert best["linear-d3"]["caasl"] == caasl
     # bad input: clear error, nothing written
     capsys.readouterr()
     bad = [
