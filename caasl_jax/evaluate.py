@@ -369,8 +369,10 @@ def available_policies() -> list[str]:
 
 
 def is_policy_spec(spec: str | Path) -> bool:
-    """True for a run directory, a policy file or a shipped policy name."""
-    return Path(spec).exists() or str(spec) in available_policies()
+    """True for a run directory, a run's best/ (even if missing: `load_policy` then
+    says why), a policy file or a shipped policy name."""
+    path = Path(spec)
+    return path.exists() or _run_checkpoint(path)[1] == "best" or str(spec) in available_policies()
 
 
 def _run_checkpoint(path: Path) -> tuple[Path, str]:
@@ -387,7 +389,7 @@ def load_policy(spec: str | Path):
     best/ folder (its policy with the highest validation return), of a policy file
     written by `export_policy`, or of a shipped policy by name (e.g. "linear-d10")."""
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir() or _run_checkpoint(path)[1] == "best":
         from caasl_jax.train import load_trained_policy
 
         return load_trained_policy(*_run_checkpoint(path))

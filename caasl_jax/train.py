@@ -436,16 +436,18 @@ def _checkpoint_manager(run: RunDir, config: TrainConfig):
 
 
 def _best_manager(run: RunDir):
-    """Orbax manager of best/: one checkpoint, the policy with the highest eval_return.
+    """Orbax manager of best/: the policy parameters at every improvement of eval_return.
 
-    Saves synchronously (policy parameters only, small): with two managers saving in
-    the background at once, a multi-process run timed out in orbax's cross-process
-    barriers (tests/test_distributed.py).
+    All are kept (policy parameters only, small), so that a resume which drops the
+    improvements made after the resumed state still has the best one before it.
+    Saves synchronously: with two managers saving in the background at once, a
+    multi-process run timed out in orbax's cross-process barriers
+    (tests/test_distributed.py).
     """
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=1,
+        max_to_keep=None,
         best_fn=lambda metrics: metrics["eval_return"],
         best_mode="max",
         create=True,
@@ -534,9 +536,12 @@ def train(
     calls_done = 0
     if resume:
         state, calls_done = restore_state(manager, trainer, state)
-        for step in best_manager.all_steps():
-            if step > calls_done:  # evaluated after the resumed state: redone below
-                best_manager.delete(step)
+        # improvements evaluated after the resumed state are redone below; every
+        # process lists them before any deletes (orbax: all processes call delete)
+        stale = [step for step in best_manager.all_steps() if step > calls_done]
+        distributed.barrier("caasl-best-listed")
+        for step in stale:
+            best_manager.delete(step)
         if primary:
             _truncate_jsonl(run.metrics, calls_done - 1)
             _truncate_jsonl(run.evals, calls_done - 1)
@@ -690,15 +695,18 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest"):
     folder = run.checkpoints if checkpoint == "latest" else run.best
     if not folder.exists():
         raise FileNotFoundError(f"{run.path} has no {folder.name}/ to load a policy from")
+    if checkpoint == "best":
+        best_manager = _best_manager(run)
+        step = best_manager.best_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"{run.best} holds no policy yet: the run stopped before its first evaluation"
+            )
     trainer, _ = make_trainer(config, devices=jax.local_devices()[:1])
     template = trainer.init_state()
     if checkpoint == "latest":
         state, _ = restore_state(_checkpoint_manager(run, config), trainer, template)
         return trainer.agent, state.agent.policy_params, config
-    best_manager = _best_manager(run)
-    step = best_manager.best_step()
-    if step is None:
-        raise FileNotFoundError(f"{run.best} holds no checkpoint")
     policy_template = template.agent.policy_params
     shardings = trainer.state_sharding(template).agent.policy_params
     return trainer.agent, _restore(best_manager, step, policy_template, shardings), config

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -121,7 +122,14 @@ def test_best_holds_the_policy_with_the_best_validation_return(tiny, tmp_path):
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     best_row = max(evals, key=lambda row: row["eval_return"])
     manager = train_lib._best_manager(train_lib.RunDir(run))
-    assert manager.all_steps() == [best_row["call"] + 1]
+    running_max = np.maximum.accumulate([row["eval_return"] for row in evals])
+    improved = [
+        row["call"] + 1
+        for i, row in enumerate(evals)
+        if i == 0 or running_max[i] > running_max[i - 1]
+    ]
+    assert manager.all_steps() == improved  # every improvement is kept
+    assert manager.best_step() == best_row["call"] + 1
     assert train_lib.best_eval_return(manager) == best_row["eval_return"]
     trainer, reward_params = train_lib.make_trainer(config)
     _, params, _ = train_lib.load_trained_policy(run, "best")
@@ -131,6 +139,27 @@ def test_best_holds_the_policy_with_the_best_validation_return(tiny, tmp_path):
     assert evaluate(latest)["eval_return"] == evals[-1]["eval_return"]
     with pytest.raises(ValueError, match="unknown checkpoint 'bset'"):
         train_lib.load_trained_policy(run, "bset")
+
+
+def test_resume_keeps_the_best_policy_from_before_the_resumed_state(tiny, tmp_path):
+    """A crash after an improvement but before the next state checkpoint: the resume
+    drops that improvement (it is redone) and keeps the best one before it."""
+    _, data, _ = tiny
+    config = from_dict(TrainConfig, {**data, "iterations": 8})
+    run = tmp_path / "run"
+    train_lib.train(config, run, progress=False, max_calls=3)  # states saved at 1, 2, 3
+    shutil.rmtree(run / "checkpoints" / "3")  # as if the run died before saving call 3
+    assert 3 in train_lib._best_manager(train_lib.RunDir(run)).all_steps()  # to be dropped
+    train_lib.train(config, run, resume=True, progress=False, max_calls=0)
+    manager = train_lib._best_manager(train_lib.RunDir(run))
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [row["call"] for row in evals] == [0, 1]
+    assert max(manager.all_steps()) <= 2
+    assert train_lib.best_eval_return(manager) == max(row["eval_return"] for row in evals)
+    train_lib.train(config, run, resume=True, progress=False)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    manager = train_lib._best_manager(train_lib.RunDir(run))
+    assert train_lib.best_eval_return(manager) == max(row["eval_return"] for row in evals)
 
 
 def test_existing_run_is_not_overwritten(tiny, tmp_path):
@@ -358,8 +387,18 @@ def test_cli_evaluate_policy_and_baselines(tiny, tmp_path, capsys):
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0] == "env,policy,metric,step,mean,stderr"
     # deterministic under the seed
-    again_args = ["evaluate", "--policy", str(run), "--env", "linear-d3", "--baselines",
-                  "--n-envs", "4", "--out", str(tmp_path / "again")]
+    again_args = [
+        "evaluate",
+        "--policy",
+        str(run),
+        "--env",
+        "linear-d3",
+        "--baselines",
+        "--n-envs",
+        "4",
+        "--out",
+        str(tmp_path / "again"),
+    ]
     assert cli_main(again_args) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())["results"]
     assert again["linear-d3"]["caasl"] == caasl
