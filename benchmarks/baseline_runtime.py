@@ -6,7 +6,8 @@
 Prints JSON. For each environment, on histories after t = 0 and t = T-1 random
 design steps (the posterior refit gets slower as target sets accumulate):
 - posterior: one bootstrapped-GIES refit (L = 30 GIES runs, one process), also with
-  the gies package's own path search instead of the faster one posterior.py installs;
+  the gies package's own search code (path search and forward step) instead of the
+  faster versions `posterior.use_fast_gies` installs;
 - diffcbed / ss_finite: the design given that posterior (jitted; compile excluded,
   reported separately);
 - caasl_forward: one forward pass of the paper-sized CAASL policy (random weights:
@@ -25,6 +26,7 @@ import subprocess
 import time
 from unittest import mock
 
+import gies.main
 import gies.utils
 import jax
 import jax.numpy as jnp
@@ -37,8 +39,9 @@ from caasl_jax.baselines.posterior import fit_posterior, history_rows, particles
 from caasl_jax.envs import make_env
 from caasl_jax.envs.core import History
 
-#: gies's own path search, kept before any fit replaces it (`refit_with_package_paths`)
+#: gies's own search functions, kept before any fit replaces them (`refit_with_package_search`)
 GIES_OWN_PATHS = gies.utils.semi_directed_paths
+GIES_OWN_FORWARD_STEP = gies.main.forward_step
 
 
 def load() -> str:
@@ -59,11 +62,12 @@ def wall(fn, repeats: int) -> dict:
     return time_call(fn, repeats=repeats, warmup=0)
 
 
-def refit_with_package_paths(x, targets, n_particles: int, repeats: int) -> dict:
-    """The posterior refit with the `gies` package's own semi_directed_paths, i.e.
-    without the faster path search that `posterior.fit_gies` installs."""
-    with mock.patch.object(posterior, "use_fast_semi_directed_paths", lambda: None), \
-            mock.patch.object(gies.utils, "semi_directed_paths", GIES_OWN_PATHS):  # fmt: skip
+def refit_with_package_search(x, targets, n_particles: int, repeats: int) -> dict:
+    """The posterior refit with the `gies` package's own semi_directed_paths and
+    forward_step, i.e. without the faster ones that `posterior.fit_gies` installs."""
+    with mock.patch.object(posterior, "use_fast_gies", lambda: None), \
+            mock.patch.object(gies.utils, "semi_directed_paths", GIES_OWN_PATHS), \
+            mock.patch.object(gies.main, "forward_step", GIES_OWN_FORWARD_STEP):  # fmt: skip
         return wall(lambda: fit_posterior(x, targets, n_particles, 0), repeats)
 
 
@@ -89,8 +93,8 @@ def per_step_figures(env, step: int, repeats: int, n_particles: int) -> dict:
     out = {
         "rows": int(x.shape[0]),
         "posterior_refit": fit,
-        "posterior_refit_package_paths": refit_with_package_paths(x, targets, n_particles,
-                                                                  repeats),
+        "posterior_refit_package_search": refit_with_package_search(x, targets, n_particles,
+                                                                    repeats),
     }  # fmt: skip
     for name, design in [("diffcbed", diffcbed.design), ("ss_finite", ss_finite.design)]:
         start = time.perf_counter()

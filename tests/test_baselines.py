@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import gies.main
 import gies.utils
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,9 @@ from caasl_jax.baselines import posterior as post
 from caasl_jax.envs.linear import LinearParams
 from caasl_jax.envs.registry import make_env
 
-GIES_SEMI_DIRECTED_PATHS = gies.utils.semi_directed_paths  # the package's own version
+# the package's own versions of what `posterior.use_fast_gies` replaces
+GIES_SEMI_DIRECTED_PATHS = gies.utils.semi_directed_paths
+GIES_FORWARD_STEP = gies.main.forward_step
 
 
 def _params(graph, weight, noise_std):
@@ -98,7 +101,26 @@ def test_fast_semi_directed_paths_match_the_gies_package():
             assert ours == sorted(GIES_SEMI_DIRECTED_PATHS(fro, to, pdag)), (fro, to, pdag)
 
 
-def test_gies_finds_the_same_graphs_with_the_fast_paths(monkeypatch):
+def test_fast_insert_operators_match_the_gies_package():
+    """Same operators, same order, same score changes on random PDAGs (7 nodes, some
+    with large undirected neighbourhoods, so that subsets get pruned and marked)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 7))
+    checked = 0
+    for _ in range(60):
+        pdag = _random_pdag(rng, 7)
+        score = post.PooledGaussianBIC(x, np.zeros_like(x, bool), [[]])
+        sets = post._pdag_sets(pdag)
+        for fro, to in zip(*np.where((pdag + pdag.T + np.eye(7)) == 0)):
+            reference = gies.main.score_valid_insert_operators(fro, to, pdag, score)
+            ours = post._valid_insert_operators(fro, to, sets, score)
+            assert [op[:3] for op in ours] == [op[:3] for op in reference]
+            assert [op[3].tolist() for op in ours] == [op[3].tolist() for op in reference]
+            checked += len(ours)
+    assert checked > 1000
+
+
+def test_gies_finds_the_same_graphs_with_the_fast_search(monkeypatch):
     env = make_env("linear-d10")
     params = jax.vmap(env.sample_params)(jax.random.split(jax.random.key(3), 6))
     for i in range(6):
@@ -106,12 +128,14 @@ def test_gies_finds_the_same_graphs_with_the_fast_paths(monkeypatch):
         p = jax.tree.map(lambda a, i=i: a[i], params)
         x, targets = _rows(env, p, jax.random.key(i), designs)
         monkeypatch.setattr(gies.utils, "semi_directed_paths", GIES_SEMI_DIRECTED_PATHS)
-        monkeypatch.setattr(post, "use_fast_semi_directed_paths", lambda: None)
+        monkeypatch.setattr(gies.main, "forward_step", GIES_FORWARD_STEP)
+        monkeypatch.setattr(post, "use_fast_gies", lambda: None)
         reference, _ = post.fit_gies(x, targets)
         monkeypatch.undo()
         assert reference.sum() > 0
         fast, _ = post.fit_gies(x, targets)
         assert gies.utils.semi_directed_paths is post.semi_directed_paths
+        assert gies.main.forward_step is post.fast_forward_step
         np.testing.assert_array_equal(fast, reference)
 
 
@@ -178,6 +202,28 @@ def test_particle_likelihood_matches_scipy(intervention):
             continue  # a do-target's value is not modelled
         expected[p, i] += scipy.stats.norm.logpdf(x[i, j], mean, np.sqrt(noise_var[p, j]))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("intervention", ["do", "shift"])
+def test_design_likelihood_is_the_row_likelihood_of_a_shared_design(intervention):
+    rng = np.random.default_rng(4)
+    n_particles, n, d = 5, 12, 6
+    dag = np.triu(rng.random((n_particles, d, d)) < 0.5, 1).astype(np.float32)
+    particles = post.Particles(
+        dag=jnp.asarray(dag),
+        weights=jnp.asarray(dag * rng.normal(size=dag.shape).astype(np.float32)),
+        noise_var=jnp.asarray(rng.uniform(0.05, 1.0, (n_particles, d)).astype(np.float32)),
+        essential=jnp.asarray(dag),
+    )
+    x = 2.0 * rng.normal(size=(n, d)).astype(np.float32)
+    targets = jnp.asarray([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    values = jnp.asarray(rng.normal(size=d).astype(np.float32))
+    rows = post.log_likelihood(
+        particles, x, jnp.broadcast_to(targets, x.shape), jnp.broadcast_to(values, x.shape),
+        intervention,
+    )  # fmt: skip
+    shared = post.design_log_likelihood(particles, x, targets, values, intervention)
+    np.testing.assert_allclose(shared, rows, rtol=1e-5, atol=1e-3)
 
 
 def test_particle_simulation_cuts_incoming_edges_of_do_targets():

@@ -46,7 +46,7 @@ def _design_runner(name: str, design: Callable, default_config: Callable):
             env,
             env_params,
             key,
-            lambda e, particles, k: design(e, particles, k, config),
+            design,
             name=name,
             n_workers=n_workers,
             progress=progress,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from caasl_jax.baselines.posterior import Particles, log_likelihood, simulate_particle
+from caasl_jax.baselines.posterior import Particles, design_log_likelihood, simulate_particle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +65,7 @@ def nested_mc_eig(
         particles.weights, particles.noise_var, eps.reshape(n_particles, n_outer * k, d)
     )
     flat = y.reshape(n_particles * n_outer * k, d)
-    rows_t = jnp.broadcast_to(targets, flat.shape)
-    rows_v = jnp.broadcast_to(values, flat.shape)
-    ll = log_likelihood(particles, flat, rows_t, rows_v, intervention)  # [L(j), L·S·k]
+    ll = design_log_likelihood(particles, flat, targets, values, intervention)  # [L(j), L·S·k]
     ll = ll.reshape(n_particles, n_particles, n_outer, k).sum(-1)  # [j, l, s]
     ll = jnp.transpose(ll, (1, 2, 0))  # [l, s, j]
     own = jnp.eye(n_particles, dtype=bool)[:, None, :]  # [l, 1, j]

@@ -1,8 +1,10 @@
 """Run a likelihood-based design baseline over a batch of held-out environments.
 
 Each design step of each environment refits the bootstrapped-GIES posterior on that
-environment's history (L GIES runs, spread over worker processes) and asks the
-method for one design; then every environment steps the real env once. Keys follow
+environment's history (L GIES runs) and asks the method for one design, both in one
+job of a pool of worker processes (environments in parallel: the refit and, for
+DiffCBED, the design optimisation each cost seconds); then every environment steps
+the real env once. Keys follow
 `Environment.rollout` exactly (reset key, then per step an action key and an env
 key), so with the same key the observational rows and the simulation noise match
 those of `evaluate.rollout_episodes` for every other policy.
@@ -37,8 +39,9 @@ from caasl_jax.baselines.posterior import (
 from caasl_jax.envs.core import Environment, History
 from caasl_jax.envs.linear import LinearSCMEnv
 
-# (env, particles, key) -> (action f32[2d], score)
-DesignFn = Callable[[Environment, Particles, jax.Array], tuple[jax.Array, Any]]
+# (env, particles, key, settings) -> (action f32[2d], score); a module-level function,
+# so that it can be sent to the worker processes
+DesignFn = Callable[[Environment, Particles, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def check_supported(env: Environment, name: str = "likelihood baseline") -> None:
@@ -86,8 +89,17 @@ def _seed(key: jax.Array) -> int:
     return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
 
 
-def _fit_job(x: np.ndarray, targets: np.ndarray, n_particles: int, seed: int) -> dict:
-    return fit_posterior(x, targets, n_particles, seed)
+def _design_job(env, design_fn: DesignFn, settings, x, targets, n_particles: int, seed: int, key):
+    """One environment's design step (in a worker): refit its posterior on the history
+    rows x f64[n, d], targets bool[n, d], then design. Returns the action f32[2d]."""
+    particles = particles_from_numpy(fit_posterior(x, targets, n_particles, seed))
+    action, _ = design_fn(env, particles, key, settings)
+    return np.asarray(action, np.float32)
+
+
+def _worker_init() -> None:
+    """Workers run JAX on the CPU: an accelerator, if any, is not theirs to share out."""
+    jax.config.update("jax_platforms", "cpu")
 
 
 class _Serial:
@@ -110,7 +122,9 @@ def _executor(n_workers: int):
         return _Serial()
     # spawn, not fork: forking a process that has started JAX's threads can deadlock
     context = multiprocessing.get_context("spawn")
-    return futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=context)
+    return futures.ProcessPoolExecutor(
+        max_workers=n_workers, mp_context=context, initializer=_worker_init
+    )
 
 
 def run_design_loop(
@@ -128,9 +142,9 @@ def run_design_loop(
 ) -> History:
     """Final histories [B] of `design_fn` designing every step on its own posterior.
 
-    env_params: hidden parameters with a leading axis [B]. Each step fits the posterior
-    of all B histories (B jobs of n_particles GIES runs on n_workers processes), designs
-    each environment as soon as its posterior arrives, then steps all B envs at once.
+    env_params: hidden parameters with a leading axis [B]. Each step runs B jobs on
+    n_workers processes (refit the posterior with n_particles GIES runs, then
+    `design_fn(env, particles, key, settings)`), then steps all B envs at once.
     checkpoint: a file for the progress after each step; an existing one written by the
     same run (method and its `settings`, environments, key, particles) is resumed, any
     other is refused.
@@ -159,13 +173,12 @@ def run_design_loop(
             jobs = {}
             for b in range(batch):
                 x, targets = history_rows(jax.tree.map(lambda a, b=b: a[b], histories))
-                job = pool.submit(_fit_job, x, targets, n_particles, _seed(boot_keys[b]))
+                job = pool.submit(_design_job, env, design_fn, settings, x, targets,
+                                  n_particles, _seed(boot_keys[b]), design_keys[b])  # fmt: skip
                 jobs[job] = b
             actions = [None] * batch
             for job in futures.as_completed(jobs):
-                b = jobs[job]
-                action, _ = design_fn(env, particles_from_numpy(job.result()), design_keys[b])
-                actions[b] = jnp.asarray(action, jnp.float32)
+                actions[jobs[job]] = jnp.asarray(job.result())
                 bar.update(1)
             histories, states = step(env_keys[t], states, jnp.stack(actions), env_params)
             if checkpoint is not None:
