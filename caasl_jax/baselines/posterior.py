@@ -407,11 +407,12 @@ def design_log_likelihood(
     f32[d]): f32[L, n], as one matrix product.
 
     A node's residual is r = x̃ B with x̃ = [x, 1] and B = [[I - W], [-shift]], so the
-    weighted square sum is Σ_i r_i² / σ_i² = x̃ᵀ (B P Bᵀ) x̃ with P = diag(modelled_i / σ_i²):
-    one [n, (d+1)²] x [(d+1)², L] product instead of an [L, n, d] residual tensor.
-    DiffCBED's EIG evaluates it 32 times per epoch; this made its optimisation ~2.7x
-    faster on CPU. The expanded form loses precision only when a residual is tiny next
-    to x (float32: ~1e-7 · |x̃|² |B|² / σ²), far below the Monte-Carlo noise of the EIG.
+    weighted square sum is Σ_i r_i² / σ_i² = x̃ᵀ Q x̃ with Q = B P Bᵀ, P = diag(modelled_i
+    / σ_i²): one [n, (d+1)(d+2)/2] x [., L] product over the upper triangle of the
+    symmetric Q instead of an [L, n, d] residual tensor. DiffCBED's EIG evaluates it 32
+    times per epoch; it made its optimisation ~3.5x faster on CPU. The expanded form
+    loses precision only when a residual is tiny next to x (float32: ~1e-7 · |x̃|² |B|²
+    / σ²), far below the Monte-Carlo noise of the EIG.
     """
     _check_intervention(intervention)
     d = x.shape[-1]
@@ -424,9 +425,10 @@ def design_log_likelihood(
         axis=1,
     )  # [L, d+1, d]
     quad = jnp.einsum("lai,li,lbi->lab", resid_map, precision, resid_map)  # [L, d+1, d+1]
+    rows, cols = np.triu_indices(d + 1)
+    quad_upper = quad[:, rows, cols] * np.where(rows == cols, 1.0, 2.0).astype(np.float32)
     xt = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], -1)  # [n, d+1]
-    outer = (xt[:, :, None] * xt[:, None, :]).reshape(x.shape[0], -1)  # [n, (d+1)²]
-    return const[:, None] - 0.5 * (quad.reshape(particles.n_particles, -1) @ outer.T)
+    return const[:, None] - 0.5 * (quad_upper @ (xt[:, rows] * xt[:, cols]).T)
 
 
 def simulate_particle(
