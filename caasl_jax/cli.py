@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="results/eval", help="output folder (JSON + CSV)")
     ev.add_argument("--overwrite", action="store_true")
     ev.add_argument(
-        "--workers", type=int, help="processes for the GIES refits (default: all cores)"
+        "--workers",
+        type=int,
+        help="processes for the likelihood baselines (each refits and designs one env at "
+        "a time; default: all cores)",
     )
     ev.add_argument(
         "--checkpoint-dir",
