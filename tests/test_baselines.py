@@ -101,9 +101,10 @@ def test_fast_semi_directed_paths_match_the_gies_package():
             assert ours == sorted(GIES_SEMI_DIRECTED_PATHS(fro, to, pdag)), (fro, to, pdag)
 
 
-def test_fast_insert_operators_match_the_gies_package():
+def test_fast_insert_operators_match_the_gies_package(monkeypatch):
     """Same operators, same order, same score changes on random PDAGs (7 nodes, some
     with large undirected neighbourhoods, so that subsets get pruned and marked)."""
+    monkeypatch.setattr(gies.utils, "semi_directed_paths", GIES_SEMI_DIRECTED_PATHS)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 7))
     checked = 0
@@ -391,6 +392,21 @@ def test_run_returns_rollout_shaped_histories(name):
     # the process pool and the serial path give the same designs
     serial = run(env, params, key, n_workers=1, progress=False)
     np.testing.assert_allclose(serial.data, histories.data, atol=1e-5)
+
+
+def _failing_design(env, particles, key, settings):
+    raise ValueError("this design failed")
+
+
+def test_a_failing_design_job_surfaces_its_error():
+    from caasl_jax.baselines.runner import run_design_loop
+
+    env = make_env("linear-sparse-d3", n0=6, budget=2)
+    params = ev.heldout_params(env, 3, 0)
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="this design failed"):
+            run_design_loop(env, params, jax.random.key(0), _failing_design, name="failing",
+                            n_workers=workers, progress=False, n_particles=2)  # fmt: skip
 
 
 def test_design_loop_resumes_from_its_checkpoint(tmp_path):

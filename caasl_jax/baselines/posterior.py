@@ -148,8 +148,8 @@ def semi_directed_paths(fro: int, to: int, pdag: np.ndarray):
     lists of nodes, generated lazily.
 
     The same paths, by the same depth-first search, as `gies.utils.semi_directed_paths`
-    (0.0.3), which GIES's insert and turn operators iterate to test that each path
-    meets a given node set. That version rebuilds every node's successor set with 20
+    (0.0.3), which GIES's turn operator iterates to test that each path meets a given
+    node set (the insert operator, in `fast_forward_step`, tests reachability instead). That version rebuilds every node's successor set with 20
     numpy calls per call and returns the full list; this one needs one numpy call and
     lets the caller stop at the first path that violates the condition. It made a
     30-particle posterior fit 2.2-2.5x faster (`python -m benchmarks.baseline_runtime`,
@@ -208,7 +208,8 @@ def _valid_insert_operators(x, y, sets, cache) -> list[tuple]:
     dropped, supersets of a T that passes the path condition marked passed), on Python
     sets instead of numpy calls on the adjacency matrix. The path condition "every
     semi-directed path y ... x meets NA_yx ∪ T" is tested as "x is unreachable from y
-    around NA_yx ∪ T", which is the same statement.
+    around NA_yx ∪ T", which is the same statement. Assumes no self-loops (GIES never
+    makes one).
     """
     successors, neighbours, adjacent, parents = sets
     t0 = sorted(neighbours[y] - adjacent[x])
@@ -410,9 +411,13 @@ def design_log_likelihood(
     weighted square sum is Σ_i r_i² / σ_i² = x̃ᵀ Q x̃ with Q = B P Bᵀ, P = diag(modelled_i
     / σ_i²): one [n, (d+1)(d+2)/2] x [., L] product over the upper triangle of the
     symmetric Q instead of an [L, n, d] residual tensor. DiffCBED's EIG evaluates it 32
-    times per epoch; it made its optimisation ~3.5x faster on CPU. The expanded form
-    loses precision only when a residual is tiny next to x (float32: ~1e-7 · |x̃|² |B|²
-    / σ²), far below the Monte-Carlo noise of the EIG.
+    times per epoch; with it one DiffCBED design took 3.0 s instead of 4.4 s (the
+    whole 100-epoch optimisation, benchmarks/RESULTS_BASELINES.md). The expanded form
+    loses precision when a residual is small next to x: in float32 the error grows like
+    1e-7 · |x̃|² / σ², e.g. ~2e-4 nats per row at σ² = 0.1 (the prior's noise level)
+    but ~0.2 at the floor σ² = MIN_NOISE_VAR with |x| ~ 8, where the per-row form errs
+    by 1e-4. Such particles' likelihoods differ from the others' by far more than that,
+    and the EIG is a Monte-Carlo estimate; `log_likelihood` stays the exact reference.
     """
     _check_intervention(intervention)
     d = x.shape[-1]

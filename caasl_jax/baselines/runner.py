@@ -91,9 +91,13 @@ def _seed(key: jax.Array) -> int:
 
 def _design_job(env, design_fn: DesignFn, settings, x, targets, n_particles: int, seed: int, key):
     """One environment's design step (in a worker): refit its posterior on the history
-    rows x f64[n, d], targets bool[n, d], then design. Returns the action f32[2d]."""
-    particles = particles_from_numpy(fit_posterior(x, targets, n_particles, seed))
-    action, _ = design_fn(env, particles, key, settings)
+    rows x f64[n, d], targets bool[n, d], then design. Returns the action f32[2d].
+
+    The design runs on the CPU, in a worker or not, so that `n_workers` never changes
+    the designs (a run resumed with another worker count continues the same way)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        particles = particles_from_numpy(fit_posterior(x, targets, n_particles, seed))
+        action, _ = design_fn(env, particles, key, settings)
     return np.asarray(action, np.float32)
 
 
@@ -109,6 +113,9 @@ class _Serial:
         future: futures.Future = futures.Future()
         future.set_result(fn(*args))
         return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
 
     def __enter__(self):
         return self
@@ -177,9 +184,13 @@ def run_design_loop(
                                   n_particles, _seed(boot_keys[b]), design_keys[b])  # fmt: skip
                 jobs[job] = b
             actions = [None] * batch
-            for job in futures.as_completed(jobs):
-                actions[jobs[job]] = jnp.asarray(job.result())
-                bar.update(1)
+            try:
+                for job in futures.as_completed(jobs):
+                    actions[jobs[job]] = jnp.asarray(job.result())
+                    bar.update(1)
+            except BaseException:  # a failed job or Ctrl-C: drop the queued jobs (seconds each)
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             histories, states = step(env_keys[t], states, jnp.stack(actions), env_params)
             if checkpoint is not None:
                 save_progress(checkpoint, run_id, t + 1, histories, states)
