@@ -149,16 +149,15 @@ def semi_directed_paths(fro: int, to: int, pdag: np.ndarray):
 
     The same paths, by the same depth-first search, as `gies.utils.semi_directed_paths`
     (0.0.3), which GIES's turn operator iterates to test that each path meets a given
-    node set (the insert operator, in `fast_forward_step`, tests reachability instead). That version rebuilds every node's successor set with 20
-    numpy calls per call and returns the full list; this one needs one numpy call and
-    lets the caller stop at the first path that violates the condition. It made a
+    node set (the insert operator, in `fast_forward_step`, tests reachability
+    instead). That version rebuilds every node's successor set with 20 numpy calls per
+    call and returns the full list; this one needs a few and lets the caller stop at
+    the first path that violates the condition. It made a
     30-particle posterior fit 2.2-2.5x faster (`python -m benchmarks.baseline_runtime`,
     RESULTS_BASELINES.md); tests/test_baselines.py checks that GIES returns the same
     graphs with it.
     """
-    successors = [set() for _ in range(len(pdag))]
-    for i, j in zip(*(idx.tolist() for idx in np.nonzero(pdag))):
-        successors[i].add(j)
+    successors = _pdag_sets(pdag)[0]
     stack = [(fro, [], list(successors[fro]))]
     while stack:
         node, before, to_visit = stack[-1]
