@@ -411,7 +411,8 @@ def design_log_likelihood(
     / σ_i²): one [n, (d+1)(d+2)/2] x [., L] product over the upper triangle of the
     symmetric Q instead of an [L, n, d] residual tensor. DiffCBED's EIG evaluates it 32
     times per epoch; with it one DiffCBED design took 3.0 s instead of 4.4 s (the
-    whole 100-epoch optimisation, benchmarks/RESULTS_BASELINES.md). The expanded form
+    whole 100-epoch optimisation; an ad hoc A/B under load, see
+    benchmarks/RESULTS_BASELINES.md). The expanded form
     loses precision when a residual is small next to x: in float32 the error grows like
     1e-7 · |x̃|² / σ², e.g. ~2e-4 nats per row at σ² = 0.1 (the prior's noise level)
     but ~0.2 at the floor σ² = MIN_NOISE_VAR with |x| ~ 8, where the per-row form errs
