@@ -463,7 +463,8 @@ def evaluate_suite(
     Returns ({env: {label: {metric: {"mean", "stderr"}}}}, meta).
     """
     from caasl_jax.envs.registry import make_env
-    from caasl_jax.train import action_kind, load_reward_model
+    from caasl_jax.reward.checkpoint import load_reward_model
+    from caasl_jax.train import action_kind
 
     if mode not in POLICY_MODES:
         raise ValueError(f"unknown policy mode {mode!r}; choose one of {POLICY_MODES}")

@@ -79,22 +79,6 @@ def build_agent(config: TrainConfig, env: Environment) -> REDQ:
     return REDQ(policy, critic, config.redq)
 
 
-def load_reward_model(name_or_path: str):
-    """(params, AviciConfig) of shipped weights by name, or of a weights folder/file."""
-    from caasl_jax.reward.checkpoint import available_pretrained, load_pretrained, load_weights
-
-    if Path(name_or_path).exists():
-        loaded = load_weights(name_or_path)
-    elif name_or_path in available_pretrained():
-        loaded = load_pretrained(name_or_path)
-    else:
-        raise ValueError(
-            f"unknown reward model {name_or_path!r}: not a path, and not one of the shipped "
-            f"weights {available_pretrained()}"
-        )
-    return loaded.params, loaded.config
-
-
 def make_mesh(devices=None) -> Mesh:
     """1-D "data" mesh over `devices`, default every device of every process."""
     devices = jax.devices() if devices is None else devices
@@ -324,6 +308,8 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
     """
     env = make_env(config.env, **config.env_overrides)
     if score_builder is None:
+        from caasl_jax.reward.checkpoint import load_reward_model
+
         reward_params, reward_config = load_reward_model(config.reward_model)
         score_builder = AviciScore(reward_config)
     else:

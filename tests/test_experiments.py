@@ -79,3 +79,29 @@ def test_baseline_progress_is_resumed_or_discarded_but_nothing_else_touched(tmp_
     with pytest.raises(ValueError, match="not baseline progress"):
         common.discard_progress(progress)
     assert (progress / "metrics.jsonl").exists()
+
+
+def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, capsys):
+    import reward_reference
+
+    out = tmp_path / "ref.json"
+    argv = ["--env", "linear-d3", "--weights", "linear-sparse-d5", "--n-envs", "3",
+            "--particles", "4", "--out", str(out)]  # fmt: skip
+    assert reward_reference.main(argv) == 0
+    table = reward_reference.json.loads(out.read_text())
+    predictors = table["predictors"]
+    assert len(predictors) == 5 and table["eval_envs"] == 3
+    for scores in predictors.values():
+        assert 0.0 <= scores["expected_correct"] <= 9.0
+    # a 0/1 prediction's expected correct entries are the d^2 entries minus its SHD
+    # with every reversed edge counted twice (once in SHD)
+    for name in ("bootstrapped GIES, thresholded at 0.5", "empty graph"):
+        shd, correct = predictors[name]["shd"], predictors[name]["expected_correct"]
+        assert 9.0 - 2 * shd - 1e-5 <= correct <= 9.0 - shd + 1e-5
+    assert predictors["empty graph"]["expected_correct"] == 9.0 - predictors["empty graph"]["shd"]
+    with pytest.raises(SystemExit):  # an existing result is kept
+        reward_reference.main(argv)
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reward_reference.main(["--env", "sergio-d10", "--out", str(tmp_path / "x.json")])
+    assert "needs a linear-Gaussian env" in capsys.readouterr().err

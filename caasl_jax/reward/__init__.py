@@ -10,6 +10,7 @@ from caasl_jax.reward.checkpoint import (
     available_pretrained,
     load_avici_checkpoint,
     load_pretrained,
+    load_reward_model,
     load_weights,
     save_weights,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "init_params",
     "load_avici_checkpoint",
     "load_pretrained",
+    "load_reward_model",
     "load_weights",
     "make_score_fn",
     "param_count",

@@ -97,6 +97,20 @@ def load_pretrained(name: str) -> Pretrained:
     return load_weights(path)
 
 
+def load_reward_model(name_or_path: str | Path):
+    """(params, AviciConfig) of shipped weights by name, or of a weights file."""
+    if Path(name_or_path).exists():
+        loaded = load_weights(name_or_path)
+    elif name_or_path in available_pretrained():
+        loaded = load_pretrained(str(name_or_path))
+    else:
+        raise ValueError(
+            f"unknown reward model {str(name_or_path)!r}: not a path, and not one of the "
+            f"shipped weights {available_pretrained()}"
+        )
+    return loaded.params, loaded.config
+
+
 def _to_numpy(tree):
     if isinstance(tree, dict):
         return {k: _to_numpy(v) for k, v in tree.items()}

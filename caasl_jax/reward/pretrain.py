@@ -349,12 +349,9 @@ def evaluate_weights(
 ) -> dict:
     """Held-out metrics (means over n_envs systems) of a weights file or shipped name."""
     from caasl_jax.envs.registry import make_env
-    from caasl_jax.reward.checkpoint import load_pretrained, load_weights
+    from caasl_jax.reward.checkpoint import load_reward_model
 
-    path = Path(weights)
-    params, config, _ = (
-        load_weights(path) if path.suffix == ".msgpack" else load_pretrained(weights)
-    )
+    params, config = load_reward_model(weights)
     env = make_env(env_name, **(env_overrides or {}))
     metrics = make_evaluator(config, heldout_set(env, jax.random.key(seed), n_envs))(params)
     return {"weights": weights, "env": env_name, "eval_envs": n_envs, "eval_seed": seed, **metrics}
