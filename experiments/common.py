@@ -77,7 +77,9 @@ def parse_args(name: str, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=f"paper experiment {name} (configs/{name}.yaml)")
     parser.add_argument("--policy", help="trained policy: run dir, policy file or shipped name")
     parser.add_argument("--baselines", nargs="*", help="replace the config's baselines")
-    parser.add_argument("--n-envs", type=int, help="held-out environments per env (default 100)")
+    parser.add_argument(
+        "--n-envs", type=int, help="held-out environments per env (default: the config's n_envs)"
+    )
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", help=f"output folder (default experiments/results/{name})")
     parser.add_argument(

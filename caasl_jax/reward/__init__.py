@@ -1,5 +1,6 @@
 """The AVICI reward model: network, standardisation, checkpoints, reward and pretraining.
 
+    from caasl_jax.envs import make_env
     from caasl_jax.reward import load_pretrained, make_score_fn
     params, config, meta = load_pretrained("linear-d10")
     env = make_env("linear-d10").with_score(make_score_fn(params, config))
