@@ -1,6 +1,8 @@
-"""Figure 4 (linear OOD) with DiffCBED and SS Finite added (2 environments per set: they are slow).
+"""Figure 4 (linear OOD) with DiffCBED and SS Finite added (100 envs per set: ~3.6 h on 2 cores).
 
-    python experiments/fig4_linear_ood_likelihood.py [--n-envs 100] [--overwrite]
+    python experiments/fig4_linear_ood_likelihood.py [--n-envs 2] [--overwrite]
+
+The baselines save their progress after every design step; rerunning resumes.
 
 Settings: experiments/configs/fig4_linear_ood_likelihood.yaml; output:
 experiments/results/fig4_linear_ood_likelihood/.
