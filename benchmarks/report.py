@@ -21,6 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
+STAMPS_FILE = RESULTS_DIR / "measured_at.json"
 PLOTS_DIR = HERE / "plots"
 
 # reduced counts of the paper configuration (linear-d10) that fit a CPU: the stages
@@ -90,7 +91,16 @@ def run_benchmark(name: str) -> dict:
     result = json.loads(text)
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    stamps = load_stamps()
+    stamps[name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    STAMPS_FILE.write_text(json.dumps(dict(sorted(stamps.items())), indent=2) + "\n")
     return result
+
+
+def load_stamps() -> dict[str, str]:
+    """{benchmark: ISO time its JSON was measured}; file times would not do (a checkout
+    rewrites them)."""
+    return json.loads(STAMPS_FILE.read_text()) if STAMPS_FILE.exists() else {}
 
 
 def load_results() -> dict:
@@ -99,7 +109,12 @@ def load_results() -> dict:
         raise FileNotFoundError(
             f"no saved results for {missing} in {RESULTS_DIR}; run without --from-json"
         )
-    return {n: json.loads((RESULTS_DIR / f"{n}.json").read_text()) for n in BENCHMARKS}
+    results = {n: json.loads((RESULTS_DIR / f"{n}.json").read_text()) for n in BENCHMARKS}
+    optional = RESULTS_DIR / "baseline_runtime.json"  # slow; run on its own (RESULTS_BASELINES.md)
+    if optional.exists():
+        results["baseline_runtime"] = json.loads(optional.read_text())
+        results["baseline_runtime"]["measured_at"] = load_stamps().get("baseline_runtime")
+    return results
 
 
 # ----------------------------------------------------------------------------------
@@ -182,6 +197,49 @@ def env_episode_row(kind: str, env: dict) -> str:
     )
 
 
+def baseline_section(runtime: dict, env: str = "linear-d10") -> list[str]:
+    """Lines comparing DiffCBED / SS Finite with CAASL per design step and environment,
+    from `benchmarks.baseline_runtime`'s JSON (optional: empty when it has no `env`)."""
+    if env not in runtime.get("envs", {}):
+        return []
+    r = runtime["envs"][env]
+    first, last, e2e = r["after_step_0"], r["after_step_9"], r["end_to_end"]
+    forward = r["caasl_forward"]["batch_100"]["per_env_s"]
+    when = runtime.get("measured_at")
+    when = f"measured {measured_between([when])}, " if when else ""
+
+    def one_process(method: str) -> str:
+        return " / ".join(
+            f"{_f(at['posterior_refit']['median_s'] + at[method]['median_s'])} s"
+            for at in (first, last)
+        )
+
+    lines = [
+        f"## Likelihood-based design vs CAASL's forward pass ({env})",
+        "",
+        "Per design step and environment, from `benchmarks/results/baseline_runtime.json`",
+        f"({when}`python -m benchmarks.baseline_runtime`; every run, the settings and the",
+        "rates of the 100-environment figure runs: `RESULTS_BASELINES.md`). One process: the",
+        f"posterior refit ({first['rows']} / {last['rows']} rows of history) plus the design;",
+        "end to end: the whole design loop with its worker processes, start-up and compiles.",
+        "",
+        "| design | one process, after step 0 / step 9 | end to end | vs CAASL |",
+        "|---|---|---|---|",
+    ]
+    for method, key in (("DiffCBED", "diffcbed"), ("SS Finite", "ss_finite")):
+        loop = e2e[key.replace("_", "-")]
+        lines.append(
+            f"| {method} | {one_process(key)} | {_f(loop['per_step_per_env_s'])} s "
+            f"({loop['n_envs']} envs, {loop['workers']} workers) | "
+            f"{loop['per_step_per_env_s'] / forward:,.0f}x slower |"
+        )
+    lines += [
+        f"| CAASL policy forward pass, batch 100 | {forward:.4f} s | | 1x |",
+        "",
+    ]
+    return lines
+
+
 def render(results: dict, stamp: str) -> str:
     grad, small, paper = results["grad_step"], results["train_small"], results["train_paper"]
     envs = {"linear": results["env"], "SERGIO": results["env_sergio"]}
@@ -231,6 +289,7 @@ def render(results: dict, stamp: str) -> str:
         f"action sampling at least 10x "
         f"({'met' if release['act_1000_s'] / act['seconds'] >= 10 else 'NOT met'}).",
         "",
+        *baseline_section(results.get("baseline_runtime", {})),
         "## Gradient step vs minibatch size (`python -m benchmarks.grad_step`)",
         "",
         "Policy + 2 critics + target critics + temperature, utd 1, paper network sizes,",
@@ -425,11 +484,12 @@ step without micro-batching), measured on this VM during development:
   core run its own stream (table above)."""
 
 
-def measured_between(mtimes: list[float]) -> str:
-    """'<first> to <last> UTC' of the saved JSON files (one time if they agree to the minute)."""
+def measured_between(stamps: list[str]) -> str:
+    """'between <first> and <last> UTC' of ISO times (one time if they agree to the minute)."""
+    times = [datetime.datetime.fromisoformat(t) for t in stamps]
     first, last = (
-        datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-        for t in (min(mtimes), max(mtimes))
+        t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        for t in (min(times), max(times))
     )
     return f"{first} UTC" if first == last else f"between {first} and {last} UTC"
 
@@ -445,7 +505,11 @@ def main(argv=None) -> None:
             run_benchmark(name)
     results = load_results()
     draw_plots(results, PLOTS_DIR)
-    stamp = measured_between([(RESULTS_DIR / f"{n}.json").stat().st_mtime for n in BENCHMARKS])
+    stamps = load_stamps()
+    missing = [n for n in BENCHMARKS if n not in stamps]
+    if missing:
+        raise FileNotFoundError(f"{STAMPS_FILE} has no measurement time for {missing}")
+    stamp = measured_between([stamps[n] for n in BENCHMARKS])
     Path(args.out).write_text(render(results, stamp) + "\n")
     print(f"[report] wrote {args.out}", file=sys.stderr)
 

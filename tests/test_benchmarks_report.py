@@ -92,3 +92,47 @@ def test_from_json_without_saved_results_names_what_is_missing(tmp_path, monkeyp
     monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="grad_step"):
         report.load_results()
+
+
+def _baseline_runtime() -> dict:
+    timing = lambda s: {"median_s": s}  # noqa: E731
+    step = lambda rows: {  # noqa: E731
+        "rows": rows,
+        "posterior_refit": timing(1.0),
+        "diffcbed": timing(3.0),
+        "ss_finite": timing(0.01),
+    }
+    return {
+        "measured_at": "2026-12-01T06:25:13+00:00",
+        "envs": {
+            "linear-d10": {
+                "caasl_forward": {"batch_100": {"per_env_s": 0.005}},
+                "after_step_0": step(50),
+                "after_step_9": step(59),
+                "end_to_end": {
+                    "diffcbed": {"per_step_per_env_s": 2.5, "n_envs": 2, "workers": 2},
+                    "ss-finite": {"per_step_per_env_s": 0.5, "n_envs": 2, "workers": 2},
+                },
+            }
+        },
+    }
+
+
+def test_baselines_are_reported_next_to_caasl_when_measured():
+    results = _results(grad_s=8.05, act_s=4.0)
+    assert "Likelihood-based design" not in report.render(results, "now")
+    text = report.render({**results, "baseline_runtime": _baseline_runtime()}, "now")
+    assert "(measured 2026-12-01 06:25 UTC, `python -m benchmarks.baseline_runtime`" in text
+    assert "| DiffCBED | 4.00 s / 4.00 s | 2.50 s (2 envs, 2 workers) | 500x slower |" in text
+    assert "| SS Finite | 1.01 s / 1.01 s | 0.50 s (2 envs, 2 workers) | 100x slower |" in text
+
+
+def test_measurement_times_come_from_the_stamps_file(tmp_path, monkeypatch):
+    # a fresh checkout rewrites file times, so they must not date the figures
+    stamps = ["2026-11-29T10:45:00+00:00", "2026-11-28T23:18:30+00:00"]
+    assert report.measured_between(stamps) == "between 2026-11-28 23:18 and 2026-11-29 10:45 UTC"
+    assert report.measured_between(stamps[:1]) == "2026-11-29 10:45 UTC"
+    monkeypatch.setattr(report, "STAMPS_FILE", tmp_path / "measured_at.json")
+    assert report.load_stamps() == {}
+    committed = report.json.loads((report.RESULTS_DIR / "measured_at.json").read_text())
+    assert set(report.BENCHMARKS) <= set(committed)
