@@ -246,25 +246,14 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 4
     reward = tiny_reward_weights(__import__("pathlib").Path(sys.argv[2]) / "r.msgpack")
     # batch 24 = 6 per device: above the CPU micro-batch of 4, so the chunked gradient
-    # accumulation (with a padded last chunk) runs inside shard_map
+    # accumulation (with a padded last chunk) runs inside shard_map. (The fused chunk on
+    # 4 devices, with replicated parameters kept identical, is checked by
+    # test_distributed's single-process reference run.)
     config = from_dict(TrainConfig, {**tiny_config_dict(reward), "batch_size": 24})
-
-    # 1) the fused step on 4 devices keeps the replicated parameters identical
     trainer, reward_params = train_lib.make_trainer(config)
     assert trainer.n_devices == 4
-    state = trainer.init_state()
-    chunk = trainer.compile_chunk(state)
-    for call in range(2):
-        state, metrics = chunk(state, reward_params, trainer.chunk_key(call))
-    assert np.asarray(metrics["updated"]).all()
-    for leaf in jax.tree.leaves(state.agent):
-        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-        assert len(shards) == 4
-        for s in shards[1:]:
-            np.testing.assert_array_equal(s, shards[0])
-    assert state.replay.values.sharding.spec == P("data")
 
-    # 2) one update of a global batch sharded over 4 devices == the same batch on 1
+    # one update of a global batch sharded over 4 devices == the same batch on 1
     agent = trainer.agent
     one = train_lib.make_trainer(config, devices=jax.devices()[:1])[0]
     st = one.init_state()
