@@ -104,4 +104,4 @@ def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, ca
     assert "exists; pass --overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         reward_reference.main(["--env", "sergio-d10", "--out", str(tmp_path / "x.json")])
-    assert "needs a linear-Gaussian env" in capsys.readouterr().err
+    assert "the GIES posterior: needs a likelihood" in capsys.readouterr().err

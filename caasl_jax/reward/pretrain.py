@@ -250,24 +250,35 @@ def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, ac
     return jax.jit(sharded, donate_argnums=(0, 1))
 
 
-def make_evaluator(config: AviciConfig, heldout, chunk: int = 50):
-    data, mask, graph = heldout
+def make_heldout_probs(config: AviciConfig, data: jax.Array, mask: jax.Array, chunk: int = 50):
+    """params -> edge probabilities f32[B, d, d] of held-out histories data f32[B, N, d, 2],
+    mask bool[B, N], computed `chunk` histories at a time (one compilation)."""
 
     @jax.jit
     def probs_of(params, x, m):
         return edge_probs(params, x, m, config)
 
-    def evaluate(params) -> dict[str, float]:
-        probs = jnp.concatenate(
+    def probs(params) -> jax.Array:
+        return jnp.concatenate(
             [
                 probs_of(params, data[i : i + chunk], mask[i : i + chunk])
                 for i in range(0, data.shape[0], chunk)
             ]
         )
-        metrics = jax.jit(batch_metrics)(probs, graph)
-        return {k: float(jnp.mean(v)) for k, v in metrics.items()}
 
-    return evaluate
+    return probs
+
+
+def mean_metrics(probs: jax.Array, graph: jax.Array) -> dict[str, float]:
+    """Every project metric averaged over systems (probs, graph f32[B, d, d])."""
+    return {k: float(jnp.mean(v)) for k, v in jax.jit(batch_metrics)(probs, graph).items()}
+
+
+def make_evaluator(config: AviciConfig, heldout, chunk: int = 50):
+    """params -> mean held-out metrics of heldout = (data, mask, graph)."""
+    data, mask, graph = heldout
+    probs = make_heldout_probs(config, data, mask, chunk)
+    return lambda params: mean_metrics(probs(params), graph)
 
 
 # --------------------------------------------------------------------------- CLI
