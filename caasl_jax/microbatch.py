@@ -93,13 +93,18 @@ def vmap_in_chunks(fn: Callable, microbatch: int | None = None) -> Callable:
 
 
 def mean_value_and_grad(
-    per_example_loss: Callable, params, xs, microbatch: int | None = None
+    per_example_loss: Callable,
+    params,
+    xs,
+    microbatch: int | None = None,
+    axis_name: str | None = None,
 ) -> tuple[tuple[jax.Array, Any], Any]:
     """((mean loss, per-example aux), grads of the mean loss), chunk by chunk.
 
     per_example_loss(params, x) -> (loss f32[], aux) for one example x (a slice of xs
     along its leading axis [B]). Gradients are summed over chunks in a lax.scan, so
-    memory holds one chunk's activations, never the batch's.
+    memory holds one chunk's activations, never the batch's. Inside `jax.shard_map`
+    pass the mesh axis over which xs is split: the sums then vary over it.
     """
     batch = _batch_size(xs)
     mb = resolve(microbatch)
@@ -131,14 +136,12 @@ def mean_value_and_grad(
         (loss, aux), g = grad_fn(params, chunk, w)
         return (total + loss, jax.tree.map(jnp.add, grads, g)), aux
 
-    # the first chunk seeds the carry, so that its types (including shard_map's
-    # varying-across-devices marks) are those the body returns
-    (total, first_aux), grads = grad_fn(params, jax.tree.map(lambda c: c[0], chunks), weights[0])
-    rest = jax.tree.map(lambda c: c[1:], (chunks, weights))
-    (total, grads), aux = jax.lax.scan(body, (total, grads), rest)
-    aux = jax.tree.map(
-        lambda a0, a: jnp.concatenate([a0[None], a]).reshape(n_chunks * mb, *a.shape[2:])[:batch],
-        first_aux,
-        aux,
-    )
+    # The sums start at zero, so the program holds the gradient code once (seeding them
+    # with the first chunk's gradient, outside the scan, made the update's program 1.4x
+    # larger and slower to compile); 0 + g is exactly g, so the results are unchanged.
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    if axis_name is not None:  # their type must match the body's (varying over the axis)
+        zeros = jax.tree.map(lambda z: jax.lax.pcast(z, axis_name, to="varying"), zeros)
+    (total, grads), aux = jax.lax.scan(body, zeros, (chunks, weights))
+    aux = jax.tree.map(lambda a: a.reshape(n_chunks * mb, *a.shape[2:])[:batch], aux)
     return (total / batch, aux), jax.tree.map(lambda g: g / batch, grads)

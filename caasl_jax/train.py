@@ -44,7 +44,7 @@ from caasl_jax import replay as replay_lib
 from caasl_jax.agents.networks import CriticConfig, PolicyConfig
 from caasl_jax.agents.redq import REDQ, REDQState
 from caasl_jax.config import TrainConfig, from_dict, to_dict
-from caasl_jax.envs.core import Environment
+from caasl_jax.envs.core import Environment, empty_history
 from caasl_jax.envs.registry import make_env
 from caasl_jax.evaluate import agent_policy, heldout_params, random_policy, rollout_episodes
 
@@ -166,9 +166,8 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Fresh agent (replicated) and empty replay (sharded over devices)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
-        params = self.env.sample_params(key)
-        history, _ = self.env.reset(key, params)
-        agent_state = self.agent.init(key, history, jnp.zeros((self.env.action_dim,)))
+        example = empty_history(self.env.n_rows, self.env.d)  # only its shape is read
+        agent_state = self.agent.init(key, example, jnp.zeros((self.env.action_dim,)))
         capacity = self.local(self.config.replay_episodes, "replay_episodes")
         shard = replay_lib.init_replay(
             capacity,

@@ -89,7 +89,9 @@ def test_redq_update_and_act_do_not_depend_on_microbatch():
             jax.random.key(0), jax.tree.map(lambda x: x[0, 0], batch.obs), batch.action[0, 0]
         )
         new_state, metrics = jax.jit(agent.update)(state, batch, jax.random.key(2))
-        action, log_prob = agent.act(new_state.policy_params, jax.random.key(3), batch.obs)
+        action, log_prob = jax.jit(agent.act)(
+            new_state.policy_params, jax.random.key(3), batch.obs
+        )
         results[size] = (new_state, metrics, action, log_prob)
     (s0, m0, a0, l0), (s3, m3, a3, l3) = results[0], results[3]
     for key in m0:
