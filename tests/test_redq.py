@@ -142,6 +142,25 @@ def agent_and_state():
     return agent, state, jax.jit(agent.update)
 
 
+def test_init_equals_the_modules_flax_init_and_reads_only_shapes(agent_and_state):
+    agent, state, _ = agent_and_state
+    one = make_batch(jax.random.key(0), ())
+    policy_key, critic_key = jax.random.split(jax.random.key(1))
+    expected = {
+        "policy_params": agent.policy.init(policy_key, one.obs.data, one.obs.mask),
+        "critic_params": agent.critic.init(critic_key, one.obs.data, one.obs.mask, one.action),
+    }
+    for name, params in expected.items():
+        got = jax.tree.leaves(getattr(state, name))
+        for x, y in zip(jax.tree.leaves(params), got, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    # other values, same shapes: the same state
+    other = History(one.obs.data + 5.0, one.obs.length - 1)
+    again = agent.init(jax.random.key(1), other, one.action - 1.0)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_td_target_uses_next_mask_gamma_and_done(agent_and_state):
     agent, state, _ = agent_and_state
     batch = make_batch(jax.random.key(2), (4,))
