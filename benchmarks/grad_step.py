@@ -6,8 +6,9 @@
 
 - one REDQ gradient step (policy + N critics + targets + temperature; utd = 1) on a
   minibatch of B histories of shape [60, 10, 2] (n0 = 50 + T = 10 rows), paper
-  network sizes (`paper_configs`): median seconds, histories/s, XLA's temporary
-  buffer size and the peak resident memory of a process that does only this;
+  network sizes (`paper_configs`): median seconds, histories/s, the time to trace and
+  compile it, XLA's temporary buffer size and the peak resident memory of a process
+  that does only this;
 - the same step sharded over 1, 2, 4 (fake CPU) devices with shard_map, gradients
   averaged across devices as in the trainer;
 - sampling actions for `--act-histories` histories (inference path: dropout off).
@@ -23,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 # the authors' PyTorch release on this machine class (REFERENCE.md section 5)
 RELEASE = {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7}
@@ -115,9 +117,12 @@ def _measure(spec: dict) -> dict:
         else:
             b = spec["batch"]
             step, inputs = update_step(b, spec["devices"], spec["env"], spec["microbatch"])
+            start = time.perf_counter()
             memory = step.lower(*inputs).compile().memory_analysis()
+            compile_s = time.perf_counter() - start
             timing = time_call(step, *inputs, repeats=spec["repeats"])
             result.update(
+                compile_s=compile_s,
                 seconds=timing["median_s"],
                 histories_per_s=b / timing["median_s"],
                 xla_temp_gb=(memory.temp_size_in_bytes / 1e9) if memory is not None else None,

@@ -237,9 +237,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import PartitionSpec as P
-    from caasl_jax import replay as replay_lib
     from caasl_jax import train as train_lib
+    from caasl_jax.agents.redq import Transition
     from caasl_jax.config import TrainConfig, from_dict
+    from caasl_jax.envs.core import History
     sys.path.insert(0, sys.argv[1])
     from test_train import tiny_config_dict, tiny_reward_weights
 
@@ -250,16 +251,27 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     # 4 devices, with replicated parameters kept identical, is checked by
     # test_distributed's single-process reference run.)
     config = from_dict(TrainConfig, {**tiny_config_dict(reward), "batch_size": 24})
-    trainer, reward_params = train_lib.make_trainer(config)
+    trainer, _ = train_lib.make_trainer(config)
     assert trainer.n_devices == 4
 
     # one update of a global batch sharded over 4 devices == the same batch on 1
-    agent = trainer.agent
+    # (random transitions of the env's shapes: what a rollout puts in them is
+    # test_distributed's and test_redq's business)
+    agent, env = trainer.agent, trainer.env
     one = train_lib.make_trainer(config, devices=jax.devices()[:1])[0]
     st = one.init_state()
-    roll = jax.jit(lambda k: one._rollout(st.agent.policy_params, reward_params, k))
-    rep = replay_lib.add_episodes(st.replay, roll(jax.random.key(3)))
-    batch = replay_lib.sample_transitions(rep, jax.random.key(4), (1, 24))
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    length = jax.random.randint(k1, (1, 24), env.n0, env.n_rows)
+    data = jax.random.normal(k2, (1, 24, env.n_rows, env.d, 2))
+    history = lambda n: History(jnp.where(
+        (jnp.arange(env.n_rows) < n[..., None])[..., None, None], data, 0.0), n)
+    batch = Transition(
+        obs=history(length),
+        action=jax.random.uniform(k3, (1, 24, env.action_dim), minval=-1, maxval=1),
+        reward=jax.random.normal(k1, (1, 24)),
+        next_obs=history(length + 1),
+        done=(length + 1 == env.n_rows).astype(jnp.float32),
+    )
     key = jax.random.key(5)
     single, _ = jax.jit(agent.update)(st.agent, batch, key)
     batch_spec = jax.tree.map(lambda x: P(None, "data"), batch)
