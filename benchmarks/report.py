@@ -182,9 +182,8 @@ def draw_plots(results: dict, folder: Path) -> list[str]:
 # ----------------------------------------------------------------------------------
 
 
-def _f(x: float | None, digits: int = 2) -> str:
-    """x with thousands separators; a dash where a result file has no such figure."""
-    return "—" if x is None else f"{x:,.{digits}f}"
+def _f(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
 
 
 def env_episode_row(kind: str, env: dict) -> str:
@@ -295,16 +294,24 @@ def render(results: dict, stamp: str) -> str:
         "",
         "Policy + 2 critics + target critics + temperature, utd 1, paper network sizes,",
         "linear layout, automatic micro-batching (`caasl_jax/microbatch.py`). Each row is a",
-        "fresh process, so the peak RSS is that of the step alone; compile = tracing and",
-        "compiling the step, once per run.",
+        "fresh process, so the peak RSS is that of the step alone.",
+    ]
+    # result files from before 2026-12-01 have no compile times
+    with_compile = all("compile_s" in r for r in grad["batch_sweep"])
+    if with_compile:
+        lines[-1] += " Compile: tracing and compiling the step, once per run."
+    lines += [
         "",
-        "| minibatch | s / step | histories / s | compile s | peak RSS GB | XLA temporaries GB |",
-        "|---|---|---|---|---|---|",
+        "| minibatch | s / step | histories / s |"
+        + (" compile s |" if with_compile else "")
+        + " peak RSS GB | XLA temporaries GB |",
+        "|---|---|---|" + ("---|" if with_compile else "") + "---|---|",
     ]
     for r in grad["batch_sweep"]:
         lines.append(
             f"| {r['batch']} | {_f(r['seconds'])} | {_f(r['histories_per_s'], 1)} | "
-            f"{_f(r.get('compile_s'), 1)} | {_f(r['peak_rss_gb'])} | {_f(r['xla_temp_gb'], 3)} |"
+            + (f"{_f(r['compile_s'], 1)} | " if with_compile else "")
+            + f"{_f(r['peak_rss_gb'])} | {_f(r['xla_temp_gb'], 3)} |"
         )
     lines += [
         "",

@@ -83,6 +83,11 @@ def test_render_reports_speedups_and_target_status():
     assert "| SERGIO env episode (sergio-d10), 1,000 envs, reward excluded | 930" in text
     assert "| 18,600 transitions/s | **20x** |" in text  # 1.86e4 / 930
     assert "| 100 | 10,000 | 5,000 |" in text  # the SERGIO batch table
+    assert "| 256 | 8.05 | 31.8 | 2.00 | 0.200 |" in text  # no compile times recorded
+    timed = _results(grad_s=8.05, act_s=4.0)
+    for i, row in enumerate(timed["grad_step"]["batch_sweep"]):
+        row["compile_s"] = 30.0 + i
+    assert "| 256 | 8.05 | 31.8 | 31.0 | 2.00 | 0.200 |" in report.render(timed, "now")
     slow = report.render(_results(grad_s=20.0, act_s=6.0), "now")
     assert "(measured 20.00 s on one device, 13.33 s on 2: NOT met)" in slow
     assert "10x (NOT met)" in slow
