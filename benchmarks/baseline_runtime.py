@@ -31,7 +31,7 @@ import gies.utils
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, time_call
+from benchmarks.common import emit, machine_info, positive_int, time_call
 from caasl_jax import evaluate as ev
 from caasl_jax.agents import Policy, paper_configs, sample_action
 from caasl_jax.baselines import LIKELIHOOD_BASELINES, diffcbed, posterior, ss_finite
@@ -136,10 +136,10 @@ def end_to_end(env, n_envs: int, workers: int, n_particles: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", nargs="+", default=["linear-d10"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--n-particles", type=int, default=30)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--n-particles", type=positive_int, default=30)
     parser.add_argument("--e2e-envs", type=int, default=2, help="0 skips the end-to-end run")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     result = {"machine": machine_info(), "load_before": load(), "envs": {}}
     for name in args.env:

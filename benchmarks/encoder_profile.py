@@ -17,7 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, profile_kernels, time_call
+from benchmarks.common import emit, machine_info, positive_int, profile_kernels, time_call
 from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
 
 N_ROWS, D, WIDTH = 60, 10, 32
@@ -62,8 +62,8 @@ def sample_block_kernels(tokens, key_mask, top: int, calls: int) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--histories", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--histories", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--kernels", type=int, default=0, help="top kernels to profile")
     args = parser.parse_args(argv)
     b, key = args.histories, jax.random.key(0)

@@ -15,7 +15,7 @@ import argparse
 
 import jax
 
-from benchmarks.common import emit, machine_info, time_call
+from benchmarks.common import emit, machine_info, positive_int, time_call
 from caasl_jax.envs import make_env
 
 
@@ -50,8 +50,8 @@ def episode_fn(env, batch: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="linear-d10")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 100, 1000, 10000])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 100, 1000, 10000])
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args(argv)
     env = make_env(args.env)
     rows = []

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import machine_info, positive_int, time_call
+
 # the authors' PyTorch release on this machine class (REFERENCE.md section 5)
 RELEASE = {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7}
 N_ROWS, D = 60, 10
@@ -100,8 +102,6 @@ def _measure(spec: dict) -> dict:
     if spec["devices"] > 1:
         jax.config.update("jax_num_cpu_devices", spec["devices"])
 
-    from benchmarks.common import time_call
-
     result = dict(spec)
     with jax.default_matmul_precision(spec["matmul_precision"]):
         if spec["what"] == "act":
@@ -147,16 +147,21 @@ def _run(spec: dict) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--device-batch", type=int, default=256, help="batch of the device sweep")
-    parser.add_argument("--act-histories", type=int, default=1000)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--devices", type=positive_int, nargs="+", default=[1, 2, 4])
+    parser.add_argument(
+        "--device-batch", type=positive_int, default=256, help="batch of the device sweep"
+    )
+    parser.add_argument("--act-histories", type=positive_int, default=1000)
     parser.add_argument("--env", choices=["linear", "sergio"], default="linear")
     parser.add_argument("--matmul-precision", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--microbatch", type=int, default=None, help="default: automatic")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    uneven = [n for n in args.devices if args.device_batch % n]
+    if uneven:
+        parser.error(f"--device-batch {args.device_batch} does not split over {uneven} devices")
     if args.spec:
         print(json.dumps(_measure(json.loads(args.spec))))
         return {}
@@ -181,8 +186,6 @@ def main(argv=None) -> dict:
         else _run({**base, "what": "update", "batch": args.device_batch, "devices": n})
         for n in args.devices
     ]
-    from benchmarks.common import machine_info
-
     results["machine"] = machine_info()
     print(json.dumps(results, indent=2))
     return results

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, time_call
+from benchmarks.common import emit, machine_info, positive_int, time_call
 from caasl_jax.reward.checkpoint import available_pretrained, load_pretrained
 from caasl_jax.reward.model import AviciConfig, edge_probs, init_params, param_count
 
@@ -87,12 +87,14 @@ def avici_haiku(batch, n, d, repeats) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--big-batch", type=int, default=1000, help="batch for official size")
-    parser.add_argument("--n", type=int, default=60, help="rows per history (50 obs + 10)")
-    parser.add_argument("--d", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--big-repeats", type=int, default=1)
+    parser.add_argument("--batch", type=positive_int, default=1000)
+    parser.add_argument(
+        "--big-batch", type=positive_int, default=1000, help="batch for official size"
+    )
+    parser.add_argument("--n", type=positive_int, default=60, help="rows per history (50 obs + 10)")
+    parser.add_argument("--d", type=positive_int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--big-repeats", type=positive_int, default=1)
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--skip-haiku", action="store_true")
     args = parser.parse_args(argv)

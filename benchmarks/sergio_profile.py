@@ -15,16 +15,16 @@ import time
 
 import jax
 
-from benchmarks.common import emit, machine_info, profile_kernels
+from benchmarks.common import emit, machine_info, positive_int, profile_kernels
 from benchmarks.sergio_throughput import design_steps_fn
 from caasl_jax.envs.registry import make_env
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--batch", type=positive_int, default=1000)
+    parser.add_argument("--calls", type=positive_int, default=10)
+    parser.add_argument("--top", type=positive_int, default=15)
     args = parser.parse_args(argv)
     env = make_env("sergio-d10")
     steps, states, _ = design_steps_fn(env, args.batch)

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import emit, machine_info, time_call
+from benchmarks.common import emit, machine_info, positive_int, time_call
 from caasl_jax.envs.sergio import SergioEnv
 
 DEFAULT_REF = Path(__file__).resolve().parents[1] / ".ref"
@@ -152,14 +152,14 @@ def avici_figures(sergio_cls, env: SergioEnv, repeats: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--avici-repeats", type=int, default=5)
+    parser.add_argument("--d", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=1000)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--avici-repeats", type=positive_int, default=5)
     parser.add_argument("--increments", default="rademacher", choices=["rademacher", "gaussian"])
-    parser.add_argument("--langevin-steps", type=int, default=5,
+    parser.add_argument("--langevin-steps", type=positive_int, default=5,
                         help="SergioEnv.langevin_steps; 0 for None (full trajectories)")
-    parser.add_argument("--poisson-rounds", type=int, default=3)
+    parser.add_argument("--poisson-rounds", type=positive_int, default=3)
     parser.add_argument("--ref", type=Path, default=Path(os.environ.get("AVICI_REF", DEFAULT_REF)))
     args = parser.parse_args(argv)
     env = SergioEnv(d=args.d, increments=args.increments,

@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from benchmarks.common import emit, machine_info, profile_kernels
+from benchmarks.common import emit, machine_info, positive_int, profile_kernels
 from benchmarks.grad_step import update_step
 
 
@@ -33,9 +33,9 @@ def kernel_category(op_name: str, kernel: str, shape: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--top", type=int, default=25, help="categories to print")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--calls", type=positive_int, default=3)
+    parser.add_argument("--top", type=positive_int, default=25, help="categories to print")
     args = parser.parse_args(argv)
     step, inputs = update_step(batch=args.batch)
     jax.block_until_ready(step(*inputs))

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import machine_info, positive_int, time_call
+
 PAPER_TRANSITIONS = 1e8
 PAPER_GRAD_STEPS = 640_000
 PAPER_BATCH = 4096
@@ -32,7 +34,6 @@ def measure(args) -> dict:
 
     if args.devices_here > 1:
         jax.config.update("jax_num_cpu_devices", args.devices_here)
-    from benchmarks.common import machine_info, time_call
     from caasl_jax import replay as replay_lib
     from caasl_jax.config import load_config
     from caasl_jax.train import AviciScore, make_trainer
@@ -127,8 +128,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="small")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--devices", type=int, nargs="+", default=[1])
-    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--devices", type=positive_int, nargs="+", default=[1])
+    parser.add_argument("--calls", type=positive_int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reward-size", choices=["shipped", "official", "tiny"], default="shipped")
     parser.add_argument("--devices-here", type=int, default=0, help=argparse.SUPPRESS)

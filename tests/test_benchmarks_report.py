@@ -1,4 +1,5 @@
-"""benchmarks/report.py renders the measured JSON (no benchmark is run here)."""
+"""benchmarks/report.py renders the measured JSON; the benchmarks check their arguments
+(no benchmark is run here)."""
 
 import pytest
 
@@ -141,3 +142,20 @@ def test_measurement_times_come_from_the_stamps_file(tmp_path, monkeypatch):
     assert report.load_stamps() == {}
     committed = report.json.loads((report.RESULTS_DIR / "measured_at.json").read_text())
     assert set(report.BENCHMARKS) <= set(committed)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--act-histories", "0"], "--act-histories: expected an integer >= 1, got 0"),
+        (["--batch-sizes", "32", "x"], "expected an integer >= 1, got 'x'"),
+        (["--device-batch", "30", "--devices", "1", "4"], "does not split over [4] devices"),
+    ],
+)
+def test_grad_step_rejects_bad_sizes_before_starting_any_measurement(argv, message, capsys):
+    from benchmarks import grad_step
+
+    with pytest.raises(SystemExit) as exit_info:
+        grad_step.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
