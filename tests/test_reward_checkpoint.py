@@ -94,6 +94,33 @@ def test_unpickler_refuses_arbitrary_classes(tmp_path):
         read_avici_pickle(path)
 
 
+def test_unpickler_refuses_numpy_functions_that_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    code = f"__import__('pathlib').Path({str(marker)!r}).write_text('x')".encode()
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(b"cnumpy.testing._private.utils\nrunstring\n(V" + code + b"\n}tR.")
+    with pytest.raises(ValueError, match="refusing to load numpy.testing"):
+        read_avici_pickle(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_unpickler_reads_numpy_arrays_dtypes_and_scalars(tmp_path, protocol):
+    state = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.zeros(3, np.int32),
+        "c": np.float64(2.5),
+        "t": np.dtype("float16"),
+    }
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(state, protocol=protocol))
+    loaded = read_avici_pickle(path)
+    assert loaded.keys() == state.keys() and loaded["t"] == state["t"]
+    for key in "abc":
+        np.testing.assert_array_equal(loaded[key], state[key])
+        assert loaded[key].dtype == state[key].dtype
+
+
 def test_haiku_mapping_reports_missing_modules():
     with pytest.raises(ValueError, match="lacks Haiku module 'BaseModel/linear'"):
         haiku_to_flax({"BaseModel": {"learned_temp": np.zeros((1, 1, 1))}}, CFG)

@@ -194,12 +194,30 @@ _SAFE_BUILTINS = {
 }
 
 
+#: what pickled numpy arrays, dtypes and scalars reference (numpy 1 and 2 module names);
+#: nothing else of numpy: some of its functions run code (numpy.testing's `runstring`)
+_NUMPY_NAMES = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *(
+        (f"numpy.{core}.{module}", name)
+        for core in ("core", "_core")
+        for module, name in (
+            ("multiarray", "_reconstruct"),
+            ("multiarray", "scalar"),
+            ("numeric", "_frombuffer"),
+        )
+    ),
+}
+
+
 class _CheckpointUnpickler(pickle.Unpickler):
-    """Resolves only numpy, a few builtins, and stubs for avici / optax / Haiku classes."""
+    """Resolves only numpy's array/dtype/scalar constructors, a few builtins, and stubs
+    for avici / optax / Haiku classes; refuses everything else."""
 
     def find_class(self, module: str, name: str):
         root = module.split(".")[0]
-        if root == "numpy" or (module == "collections" and name == "OrderedDict"):
+        if (module, name) in _NUMPY_NAMES or (module, name) == ("collections", "OrderedDict"):
             return super().find_class(module, name)
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return super().find_class(module, name)
