@@ -225,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["pretrain-reward"]:
         from caasl_jax.reward.pretrain import main as pretrain_main
 
-        return pretrain_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        command, run = "pretrain-reward", lambda: pretrain_main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        return args.func(args)
+        return run()
     except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"caasl {args.command}: error: {error}", file=sys.stderr)
+        print(f"caasl {command}: error: {error}", file=sys.stderr)
         return 2
 
 

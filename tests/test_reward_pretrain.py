@@ -88,6 +88,56 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     # different settings refuse to mix runs
     with pytest.raises(SystemExit, match="different settings"):
         main([*args, "--steps", "6", "--lr", "0.5"])
+    # ... also when only the objective or the held-out set (which scored `best`) differs
+    with pytest.raises(SystemExit, match=r"different settings \(acyclicity, eval_seed\)"):
+        main([*args, "--steps", "4", "--acyclicity", "5", "--eval-seed", "1"])
+
+
+def test_time_limit_checkpoints_where_it_stops_and_resume_logs_each_step_once(tmp_path):
+    out = tmp_path / "run"
+    args = ["--env", "linear-d3", "--out", str(out), *TINY, "--steps", "4", "--ckpt-every", "4"]
+    # the limit is checked before each compiled call: one call (2 steps) runs
+    assert main([*args, "--time-limit", "0.001"]) == 0
+    assert sorted(p.name for p in (out / "ckpt").iterdir() if p.name.isdigit()) == ["2"]
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "bce": 0.1}\n{"step": 6, "bc')  # rows after the checkpoint
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and "eval_auprc" in log[1]
+
+
+def test_exports_never_replace_a_file_silently(tmp_path, capsys):
+    existing = tmp_path / "keep.msgpack"
+    existing.write_text("keep")
+    base = ["--env", "linear-d3", "--out", str(tmp_path / "run"), *TINY, "--steps", "2"]
+    for option in ("--export", "--export-latest"):
+        with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+            main([*base, option, str(existing)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main([*base, "--export", str(tmp_path / "no-such-folder" / "w.msgpack")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main([*base, "--export", str(tmp_path)])
+    assert existing.read_text() == "keep" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+        (["--eval-envs", "0"], "--eval-envs must be >= 1, got 0"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--p-single", "0.8", "--p-multi", "0.4"], "sum <= 1"),
+        (["--eval-every", "3"], "multiples of --steps-per-call"),
+    ],
+)
+def test_bad_options_are_refused_before_any_file_is_written(tmp_path, capsys, options, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--env", "linear-d3", "--out", str(out), *TINY, *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_random_actions_fit_the_env_action_size():

@@ -324,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--export", default=None, help="also copy the best weights to this path")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --export / --export-latest replace a file that exists before the run",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument(
         "--export-latest",
@@ -383,6 +388,37 @@ def _config_from_args(args, env_name: str) -> AviciConfig:
     )
 
 
+def _export_target_problem(target: str | None, overwrite: bool, ours: bool) -> str | None:
+    """Why weights cannot be written to `target` (None if they can). ours: the file may
+    be this run's own earlier export (a resumed run), which it keeps updating."""
+    if target is None:
+        return None
+    path = Path(target)
+    if path.is_dir():
+        return "is a folder; give a file path"
+    if path.exists() and not (overwrite or ours):
+        return "exists; pass --overwrite to replace it"
+    if not path.parent.is_dir():
+        return f"folder {path.parent} does not exist"
+    return None
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop log rows after `step` (written after the checkpoint a run resumes from) and a
+    torn last line, so a resumed run's log has each step once."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    log_path.write_text("".join(f"{line}\n" for line in kept))
+
+
 def _check_run_file(out: Path, run: dict) -> None:
     path = out / "run.json"
     if path.exists():
@@ -397,8 +433,14 @@ def _check_run_file(out: Path, run: dict) -> None:
             "steps",
             "weight_decay",
             "seed",
+            "p_single",
+            "p_multi",
+            "acyclicity",
+            "eval_envs",
+            "eval_seed",
         )
-        defaults = {"env_overrides": {}}  # runs started before --env-set existed
+        # runs started before these were recorded: --env-set, the held-out set's options
+        defaults = {"env_overrides": {}, **{k: run[k] for k in ("eval_envs", "eval_seed")}}
         diff = [k for k in keys if old.get(k, defaults.get(k)) != run.get(k)]
         if diff:
             raise SystemExit(
@@ -409,9 +451,39 @@ def _check_run_file(out: Path, run: dict) -> None:
         path.write_text(json.dumps(run, indent=2, sort_keys=True))
 
 
+def args_error(args: argparse.Namespace) -> str | None:
+    """The first option value that cannot work, as a message; None when all can."""
+    for name in ("steps", "batch", "steps_per_call", "eval_every", "ckpt_every", "eval_envs"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.warmup < 0:
+        return f"--warmup must be >= 0, got {args.warmup}"
+    if not args.lr > 0:
+        return f"--lr must be > 0, got {args.lr}"
+    for name in ("weight_decay", "acyclicity"):
+        if not getattr(args, name) >= 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+    if not (args.p_single >= 0 and args.p_multi >= 0 and args.p_single + args.p_multi <= 1):
+        return (
+            "--p-single and --p-multi must be >= 0 with a sum <= 1 (the rest of the designs "
+            f"are observational), got {args.p_single} and {args.p_multi}"
+        )
+    if args.time_limit is not None and not args.time_limit > 0:
+        return f"--time-limit must be > 0 seconds, got {args.time_limit}"
+    if args.steps % args.steps_per_call:
+        return "--steps must be a multiple of --steps-per-call"
+    if args.eval_every % args.steps_per_call or args.ckpt_every % args.steps_per_call:
+        return "--eval-every and --ckpt-every must be multiples of --steps-per-call"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `caasl pretrain-reward`. Returns a process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    error = args_error(args)
+    if error:
+        parser.error(error)
     if args.evaluate_only:
         result = evaluate_weights(
             args.evaluate_only,
@@ -431,12 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     env = make_env(args.env, **env_overrides)
     config = _config_from_args(args, args.env)
     out = Path(args.out or f"runs/reward-{args.env}").resolve()
+    resuming = (out / "run.json").exists()
+    for option, target in (("--export", args.export), ("--export-latest", args.export_latest)):
+        problem = _export_target_problem(target, args.overwrite, resuming and option == "--export")
+        if problem:
+            raise SystemExit(f"{option} {target}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
-    if args.steps % args.steps_per_call:
-        raise SystemExit("--steps must be a multiple of --steps-per-call")
-    for every in (args.eval_every, args.ckpt_every):
-        if every % args.steps_per_call:
-            raise SystemExit("--eval-every and --ckpt-every must be multiples of --steps-per-call")
     run = {
         "env": args.env,
         "env_overrides": env_overrides,
@@ -450,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         "p_single": args.p_single,
         "p_multi": args.p_multi,
         "acyclicity": args.acyclicity,
+        "eval_envs": args.eval_envs,
+        "eval_seed": args.eval_seed,
         "devices": jax.local_device_count(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
@@ -482,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         params, opt_state = restored["params"], restored["opt_state"]
         elapsed, best = float(restored["elapsed"]), float(restored["best"])
         step = int(latest)
+        if not args.export_latest:
+            _trim_log(log_path, step)
         print(f"resumed from {out / 'ckpt'} at step {step} (best {best:.2f})", flush=True)
     print(f"reward model: {param_count(params):,} parameters, config {config}", flush=True)
     if args.export_latest:
@@ -499,6 +575,16 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     t_start = time.time() - elapsed
+
+    def save_checkpoint():  # of the loop's current step, params, opt_state and best
+        state = {
+            "params": params,
+            "opt_state": opt_state,
+            "elapsed": np.asarray(time.time() - t_start),
+            "best": np.asarray(best),
+        }
+        manager.save(step, args=ocp.args.StandardSave(state))
+
     start_of_run = time.time()
     while step < args.steps:
         if args.time_limit is not None and time.time() - start_of_run > args.time_limit:
@@ -540,13 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         if step % args.ckpt_every == 0 or step >= args.steps:
-            state = {
-                "params": params,
-                "opt_state": opt_state,
-                "elapsed": np.asarray(time.time() - t_start),
-                "best": np.asarray(best),
-            }
-            manager.save(step, args=ocp.args.StandardSave(state))
+            save_checkpoint()
+    if manager.latest_step() != step:  # stopped by --time-limit between checkpoints
+        save_checkpoint()
     manager.wait_until_finished()
     bar.close()
     return 0
