@@ -83,10 +83,14 @@ class TrainConfig:
         ]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
-        if self.warmup_episodes < 0:
-            raise ValueError(f"config: warmup_episodes must be >= 0, got {self.warmup_episodes}")
+        if not 0 <= self.warmup_episodes <= self.replay_episodes:
+            raise ValueError(
+                f"config: warmup_episodes must be in 0 .. replay_episodes "
+                f"({self.replay_episodes}): updates start once the replay holds that many "
+                f"episodes, got {self.warmup_episodes}"
+            )
         if self.iterations % self.iterations_per_call:
             raise ValueError(
                 f"config: iterations ({self.iterations}) must be a multiple of "
@@ -138,7 +142,9 @@ def _coerce(hint, value, where: str):
         return None if value is None else _coerce(args[0], value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+    ):
         raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
     if hint is dict and not isinstance(value, dict):
         raise ValueError(f"{where}: expected a mapping, got {value!r}")

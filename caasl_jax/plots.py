@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+from caasl_jax.jsonl import read_rows
 
 
 def plot_training_curves(metrics_path, evals_path, out_path) -> Path:
@@ -19,7 +14,7 @@ def plot_training_curves(metrics_path, evals_path, out_path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, evals = _read_jsonl(metrics_path), _read_jsonl(evals_path)
+    rows, evals = read_rows(metrics_path), read_rows(evals_path)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     it = [r["iteration"] for r in rows]
     axes[0].plot(it, [r["return_mean"] for r in rows], lw=1, label="training episodes")

@@ -47,6 +47,7 @@ from caasl_jax.config import TrainConfig, from_dict, to_dict
 from caasl_jax.envs.core import Environment, empty_history
 from caasl_jax.envs.registry import make_env
 from caasl_jax.evaluate import agent_policy, heldout_params, random_policy, rollout_episodes
+from caasl_jax.jsonl import keep_rows_up_to
 
 AXIS = "data"
 # jitted functions per (config, devices): a resumed or repeated run in the same
@@ -370,14 +371,15 @@ def make_evaluator(trainer: Trainer, reward_params):
 
 
 class RunDir:
-    """Layout of a run directory: config.yaml, metrics.jsonl, eval.jsonl, tb/,
-    checkpoints/ (latest states, for resuming) and best/ (the policy parameters with the
-    highest validation return so far)."""
+    """Layout of a run directory: config.yaml, run.json (the device count),
+    metrics.jsonl, eval.jsonl, tb/, checkpoints/ (latest states, for resuming) and best/
+    (the policy parameters with the highest validation return so far)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     config = property(lambda self: self.path / "config.yaml")
+    run_info = property(lambda self: self.path / "run.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     evals = property(lambda self: self.path / "eval.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
@@ -386,26 +388,44 @@ class RunDir:
     plot = property(lambda self: self.path / "curves.png")
 
     def check_new(self, overwrite: bool) -> None:
-        """FileExistsError if the run dir exists, is not empty, and overwrite is off."""
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+        """FileExistsError if the run dir exists and is not empty, unless overwrite is on
+        and it is a run dir (has config.yaml): --overwrite never deletes other folders."""
+        if not (self.path.exists() and any(self.path.iterdir())):
+            return
+        if not overwrite:
             raise FileExistsError(
                 f"run directory {self.path} already exists and is not empty; use "
                 f"`caasl train --resume {self.path}` to continue it, or --overwrite to "
                 f"replace it"
             )
+        if not self.config.is_file():
+            raise FileExistsError(
+                f"--overwrite replaces run directories only, and {self.path} is not one "
+                f"(no config.yaml); remove it yourself or choose another --run-dir"
+            )
 
-    def check_resumable(self) -> None:
-        """FileNotFoundError unless the run dir has checkpoints to resume from."""
+    def check_resumable(self, n_devices: int) -> None:
+        """FileNotFoundError unless the run dir has checkpoints to resume from;
+        ValueError if it was trained on another number of devices."""
         if not self.checkpoints.exists():
             raise FileNotFoundError(f"cannot resume {self.path}: it has no checkpoints/")
+        if self.run_info.is_file():  # runs from before it was recorded are not checked
+            recorded = json.loads(self.run_info.read_text())["devices"]
+            if recorded != n_devices:
+                raise ValueError(
+                    f"cannot resume {self.path} on {n_devices} devices: it was trained on "
+                    f"{recorded} (each device's replay shard is a ring buffer of its own); "
+                    f"resume it on {recorded} devices"
+                )
 
-    def prepare_new(self, config: TrainConfig, overwrite: bool) -> None:
+    def prepare_new(self, config: TrainConfig, overwrite: bool, n_devices: int) -> None:
         """Create the run dir; refuse to touch an existing non-empty one unless told to."""
         self.check_new(overwrite)
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        self.run_info.write_text(json.dumps({"devices": n_devices}) + "\n")
 
     def load_config(self) -> TrainConfig:
         if not self.config.is_file():
@@ -470,18 +490,6 @@ def _restore(manager, step: int, template, shardings):
         ) from error
 
 
-def _truncate_jsonl(path: Path, max_call: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line)["call"] <= max_call
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def _to_python(metrics: dict) -> list[dict]:
     """Metrics with a leading [K] axis -> K dicts of floats."""
     host = jax.device_get(metrics)
@@ -513,7 +521,7 @@ def train(
     primary = distributed.is_primary()
     run = RunDir(run_dir)
     trainer, reward_params = make_trainer(config, devices, score_builder)  # fails fast
-    _prepare_run_dir(run, config, resume=resume, overwrite=overwrite)
+    _prepare_run_dir(run, config, trainer.n_devices, resume=resume, overwrite=overwrite)
 
     state = trainer.init_state()
     manager = _checkpoint_manager(run, config)  # every process: each saves its shards
@@ -528,8 +536,8 @@ def train(
         for step in stale:
             best_manager.delete(step)
         if primary:
-            _truncate_jsonl(run.metrics, calls_done - 1)
-            _truncate_jsonl(run.evals, calls_done - 1)
+            keep_rows_up_to(run.metrics, "call", calls_done - 1)
+            keep_rows_up_to(run.evals, "call", calls_done - 1)
     best_return = best_eval_return(best_manager)
 
     chunk = trainer.compile_chunk(state)
@@ -610,7 +618,9 @@ def train(
     }
 
 
-def _prepare_run_dir(run: RunDir, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(
+    run: RunDir, config: TrainConfig, n_devices: int, *, resume: bool, overwrite: bool
+) -> None:
     """Check the run dir on every process, then create it on process 0 only.
 
     A refusal on any process is raised on all of them (none is left waiting at a
@@ -618,13 +628,13 @@ def _prepare_run_dir(run: RunDir, config: TrainConfig, *, resume: bool, overwrit
     """
     error: Exception | None = None
     try:
-        run.check_resumable() if resume else run.check_new(overwrite)
-    except (FileExistsError, FileNotFoundError) as failure:
+        run.check_resumable(n_devices) if resume else run.check_new(overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as failure:
         error = failure
     if not distributed.agree(error is None):
         raise error or FileExistsError(f"run directory {run.path}: refused on another process")
     if not resume and distributed.is_primary():
-        run.prepare_new(config, overwrite)
+        run.prepare_new(config, overwrite, n_devices)
     distributed.barrier("caasl-run-dir-ready")
 
 

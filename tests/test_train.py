@@ -193,6 +193,8 @@ def test_corrupt_checkpoint_gives_clear_error(tiny, tmp_path):
         ({"env": "linear-d1"}, "d must be an integer >= 2"),
         ({"env": "nonsense-d5"}, "unknown environment"),
         ({"reward_model": "no-such-model"}, "unknown reward model"),
+        ({"warmup_episodes": 65}, "warmup_episodes must be in 0 .. replay_episodes \\(64\\)"),
+        ({"num_envs": True}, "num_envs: expected int, got True"),
     ],
 )
 def test_bad_configs_fail_before_work(tiny, change, message):
@@ -225,8 +227,30 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys):
     assert "validation return" in capsys.readouterr().out
     assert cli_main(args) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
+    assert json.loads((run / "run.json").read_text()) == {"devices": 1}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"call": 0, "critic_lo')  # torn by a kill mid-write: resume skips it
     assert cli_main(["train", "--resume", str(run)]) == 0
     assert cli_main(["train", "--config", str(config_file), "--set", "batch_size=-3"]) == 2
+
+
+def test_resume_refuses_another_device_count(tmp_path):
+    run = train_lib.RunDir(tmp_path / "run")
+    (run.checkpoints).mkdir(parents=True)
+    run.run_info.write_text(json.dumps({"devices": 2}))
+    run.check_resumable(2)
+    with pytest.raises(ValueError, match="it was trained on 2 .* resume it on 2 devices"):
+        run.check_resumable(1)
+
+
+def test_overwrite_replaces_only_run_directories(tiny, tmp_path):
+    config, _, _ = tiny
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="replaces run directories only"):
+        train_lib.train(config, folder, overwrite=True, progress=False, max_calls=0)
+    assert (folder / "precious.txt").read_text() == "keep"
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent(

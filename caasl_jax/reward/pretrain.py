@@ -49,6 +49,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
+from caasl_jax.jsonl import keep_rows_up_to
 from caasl_jax.metrics import batch_metrics
 from caasl_jax.reward.checkpoint import save_weights
 from caasl_jax.reward.model import AviciConfig, edge_logits, edge_probs, init_params, param_count
@@ -403,22 +404,6 @@ def _export_target_problem(target: str | None, overwrite: bool, ours: bool) -> s
     return None
 
 
-def _trim_log(log_path: Path, step: int) -> None:
-    """Drop log rows after `step` (written after the checkpoint a run resumes from) and a
-    torn last line, so a resumed run's log has each step once."""
-    if not log_path.exists():
-        return
-    kept = []
-    for line in log_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line)
-    log_path.write_text("".join(f"{line}\n" for line in kept))
-
-
 def _check_run_file(out: Path, run: dict) -> None:
     path = out / "run.json"
     if path.exists():
@@ -557,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed, best = float(restored["elapsed"]), float(restored["best"])
         step = int(latest)
         if not args.export_latest:
-            _trim_log(log_path, step)
+            keep_rows_up_to(log_path, "step", step)
         print(f"resumed from {out / 'ckpt'} at step {step} (best {best:.2f})", flush=True)
     print(f"reward model: {param_count(params):,} parameters, config {config}", flush=True)
     if args.export_latest:

@@ -1,0 +1,33 @@
+"""JSON-lines logs (metrics.jsonl, eval.jsonl, the reward pretraining's log.jsonl).
+
+A process killed while appending leaves a torn last line; readers skip such lines, so
+a crash never blocks resuming or plotting a run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] if it does not exist), skipping torn lines."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def keep_rows_up_to(path: str | Path, field: str, last: int) -> None:
+    """Rewrite the file with only its rows whose `field` is <= last: those logged after
+    the checkpoint a run resumes from are redone, so they must not appear twice."""
+    path = Path(path)
+    if path.exists():
+        kept = [row for row in read_rows(path) if row[field] <= last]
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
