@@ -31,11 +31,12 @@ import gies.utils
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, positive_int, time_call
+from benchmarks.common import emit, machine_info, time_call
 from caasl_jax import evaluate as ev
 from caasl_jax.agents import Policy, paper_configs, sample_action
 from caasl_jax.baselines import LIKELIHOOD_BASELINES, diffcbed, posterior, ss_finite
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, particles_from_numpy
+from caasl_jax.cli import positive_int
 from caasl_jax.envs import make_env
 from caasl_jax.envs.core import History
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import json
@@ -27,18 +26,6 @@ def machine_info() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a zero batch or device count is a usage error,
-    reported before any process starts compiling)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:

@@ -17,8 +17,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, positive_int, profile_kernels, time_call
+from benchmarks.common import emit, machine_info, profile_kernels, time_call
 from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
+from caasl_jax.cli import positive_int
 
 N_ROWS, D, WIDTH = 60, 10, 32
 

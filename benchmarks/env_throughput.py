@@ -15,7 +15,8 @@ import argparse
 
 import jax
 
-from benchmarks.common import emit, machine_info, positive_int, time_call
+from benchmarks.common import emit, machine_info, time_call
+from caasl_jax.cli import positive_int
 from caasl_jax.envs import make_env
 
 

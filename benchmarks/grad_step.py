@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import machine_info, positive_int, time_call
+from benchmarks.common import machine_info, time_call
+from caasl_jax.cli import positive_int
 
 # the authors' PyTorch release on this machine class (REFERENCE.md section 5)
 RELEASE = {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7}

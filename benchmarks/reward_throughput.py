@@ -23,7 +23,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import emit, machine_info, positive_int, time_call
+from benchmarks.common import emit, machine_info, time_call
+from caasl_jax.cli import positive_int
 from caasl_jax.reward.checkpoint import available_pretrained, load_pretrained
 from caasl_jax.reward.model import AviciConfig, edge_probs, init_params, param_count
 

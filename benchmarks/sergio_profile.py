@@ -15,8 +15,9 @@ import time
 
 import jax
 
-from benchmarks.common import emit, machine_info, positive_int, profile_kernels
+from benchmarks.common import emit, machine_info, profile_kernels
 from benchmarks.sergio_throughput import design_steps_fn
+from caasl_jax.cli import positive_int
 from caasl_jax.envs.registry import make_env
 
 

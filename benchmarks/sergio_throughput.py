@@ -30,7 +30,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import emit, machine_info, positive_int, time_call
+from benchmarks.common import emit, machine_info, time_call
+from caasl_jax.cli import positive_int
 from caasl_jax.envs.sergio import SergioEnv
 
 DEFAULT_REF = Path(__file__).resolve().parents[1] / ".ref"

@@ -19,8 +19,9 @@ import time
 
 import jax
 
-from benchmarks.common import emit, machine_info, positive_int, profile_kernels
+from benchmarks.common import emit, machine_info, profile_kernels
 from benchmarks.grad_step import update_step
+from caasl_jax.cli import positive_int
 
 
 def kernel_category(op_name: str, kernel: str, shape: str) -> str:

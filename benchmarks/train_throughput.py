@@ -22,7 +22,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import machine_info, positive_int, time_call
+from benchmarks.common import machine_info, time_call
+from caasl_jax.cli import positive_int
 
 PAPER_TRANSITIONS = 1e8
 PAPER_GRAD_STEPS = 640_000

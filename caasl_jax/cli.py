@@ -14,6 +14,18 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a zero count is a usage error, reported before
+    anything compiles)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _train(args) -> int:
     from caasl_jax import distributed
     from caasl_jax.config import load_config
@@ -41,12 +53,15 @@ def _train(args) -> int:
             )
         config = load_config(args.config, args.set)
         run_dir = args.run_dir or f"runs/{config.env}-seed{config.seed}"
+    devices = None
     if args.devices:
         import jax
 
+        if args.devices > jax.device_count():
+            raise ValueError(
+                f"--devices {args.devices}: only {jax.device_count()} devices are available"
+            )
         devices = jax.devices()[: args.devices]
-    else:
-        devices = None
     summary = train(
         config,
         run_dir,
@@ -130,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint"
     )
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    train.add_argument("--devices", type=int, help="use only the first N devices")
+    train.add_argument("--devices", type=positive_int, help="use only the first N devices")
     train.add_argument(
         "--max-calls", type=int, help="stop after this many host calls (for a quick look)"
     )
@@ -140,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "CAASL_LOCAL_DEVICES / CAASL_DISTRIBUTED=auto",
     )
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's coordinator")
-    multi.add_argument("--num-processes", type=int, help="total number of processes")
+    multi.add_argument("--num-processes", type=positive_int, help="total number of processes")
     multi.add_argument("--process-id", type=int, help="this process, 0 .. N-1")
     multi.add_argument(
-        "--local-devices", type=int, help="CPU only: number of CPU devices of this process"
+        "--local-devices", type=positive_int, help="CPU only: number of CPU devices of this process"
     )
     multi.add_argument(
         "--distributed-auto",
@@ -184,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment setting for every --env (default: the policy run's)",
     )
-    ev.add_argument("--n-envs", type=int, default=100)
+    ev.add_argument("--n-envs", type=positive_int, default=100)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--mode", choices=["stochastic", "deterministic"], default="stochastic")
     ev.add_argument("--reward-model", help="reward model (default: the policy run's)")
@@ -192,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true")
     ev.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help="processes for the likelihood baselines (each refits and designs one env at "
         "a time; default: all cores)",
     )

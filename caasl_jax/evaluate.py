@@ -327,6 +327,8 @@ def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False
     from caasl_jax.train import load_trained_policy
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the policy file's path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     _, policy_params, config = load_trained_policy(*_run_checkpoint(Path(run_dir)))

@@ -123,9 +123,9 @@ def test_exports_never_replace_a_file_silently(tmp_path, capsys):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--batch", "0"], "--batch must be >= 1, got 0"),
-        (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
-        (["--eval-envs", "0"], "--eval-envs must be >= 1, got 0"),
+        (["--batch", "0"], "argument --batch: expected an integer >= 1, got 0"),
+        (["--eval-every", "0"], "argument --eval-every: expected an integer >= 1, got 0"),
+        (["--eval-envs", "0"], "argument --eval-envs: expected an integer >= 1, got 0"),
         (["--lr", "0"], "--lr must be > 0"),
         (["--p-single", "0.8", "--p-multi", "0.4"], "sum <= 1"),
         (["--eval-every", "3"], "multiples of --steps-per-call"),

@@ -234,6 +234,18 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys):
     assert cli_main(["train", "--config", str(config_file), "--set", "batch_size=-3"]) == 2
 
 
+def test_cli_refuses_bad_counts_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["evaluate", "--policy", "linear-d10", "--env", "linear-d10", "--n-envs", "0"])
+    assert exit_info.value.code == 2
+    assert "--n-envs: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "small", "--devices", "3"]) == 2
+    assert "--devices 3: only 1 devices are available" in capsys.readouterr().err
+    assert cli_main(["export-policy", "linear-d10", str(tmp_path), "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []
+
+
 def test_resume_refuses_another_device_count(tmp_path):
     run = train_lib.RunDir(tmp_path / "run")
     (run.checkpoints).mkdir(parents=True)

@@ -49,6 +49,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
+from caasl_jax.cli import positive_int
 from caasl_jax.jsonl import keep_rows_up_to
 from caasl_jax.metrics import batch_metrics
 from caasl_jax.reward.checkpoint import save_weights
@@ -297,17 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment setting override, e.g. --env-set n0=20 (repeatable)",
     )
     p.add_argument("--out", default=None, help="run folder (default runs/reward-<env>)")
-    p.add_argument("--steps", type=int, default=20000, help="total optimisation steps")
-    p.add_argument("--batch", type=int, default=64, help="global histories per step")
-    p.add_argument("--steps-per-call", type=int, default=10, help="steps per compiled call")
+    p.add_argument("--steps", type=positive_int, default=20000, help="total optimisation steps")
+    p.add_argument("--batch", type=positive_int, default=64, help="global histories per step")
+    p.add_argument(
+        "--steps-per-call", type=positive_int, default=10, help="steps per compiled call"
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2, help="L (the network has 2L blocks)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--key-size", type=int, default=16)
-    p.add_argument("--widening", type=int, default=4)
+    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument("--layers", type=positive_int, default=2, help="L (the network has 2L blocks)")
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--key-size", type=positive_int, default=16)
+    p.add_argument("--widening", type=positive_int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument(
         "--standardization",
@@ -318,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-single", type=float, default=0.5)
     p.add_argument("--p-multi", type=float, default=0.4)
     p.add_argument("--acyclicity", type=float, default=0.0, help="acyclicity penalty weight")
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-envs", type=int, default=100)
+    p.add_argument("--eval-every", type=positive_int, default=500)
+    p.add_argument("--eval-envs", type=positive_int, default=100)
     p.add_argument("--eval-seed", type=int, default=12345)
-    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--ckpt-every", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--export", default=None, help="also copy the best weights to this path")
@@ -437,10 +440,8 @@ def _check_run_file(out: Path, run: dict) -> None:
 
 
 def args_error(args: argparse.Namespace) -> str | None:
-    """The first option value that cannot work, as a message; None when all can."""
-    for name in ("steps", "batch", "steps_per_call", "eval_every", "ckpt_every", "eval_envs"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    """The first option value that cannot work, as a message; None when all can
+    (counts are checked by their argparse type)."""
     if args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
     if not args.lr > 0:
