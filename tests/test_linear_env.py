@@ -48,6 +48,16 @@ def test_budget_ends_episode_and_extra_steps_are_noops(env):
     assert int(history.length) == env.n_rows and int(state.step) == env.budget
 
 
+def test_a_budget_of_zero_makes_every_step_a_noop():
+    env = make_env("linear-d3", n0=1, budget=0, samples_per_step=2)  # no room for 2 rows
+    params = env.sample_params(jax.random.key(0))
+    history, state = env.reset(jax.random.key(1), params)
+    after, _, reward, done, _ = env.step(jax.random.key(2), state, jnp.ones((6,)), params)
+    assert bool(done) and float(reward) == 0.0
+    np.testing.assert_array_equal(after.data, history.data)
+    assert int(after.length) == 1
+
+
 def test_jit_vmap_over_1000_params_and_single_trace():
     env = make_env("linear-d10")
     keys = jax.random.split(jax.random.key(0), 1000)
@@ -227,6 +237,13 @@ def test_registry_variants(name, field, value):
         ("linear-ood-foo-d10", {}, "unknown linear variant 'ood-foo'"),
         ("quadratic-d10", {}, "unknown environment"),
         ("linear", {}, "unknown environment"),
+        ("linear-ood-graph-d10", {"d": 5}, "the name sets d = 10; ask for 'linear-ood-graph-d5'"),
+        ("linear-d10", {"noise_concentration": 0}, "noise_concentration must be a finite"),
+        ("linear-d10", {"noise_rate": -1.0}, "noise_rate must be a finite number > 0"),
+        ("linear-d10", {"value_scale": float("nan")}, "value_scale must be a finite"),
+        ("linear-ood-hetero-d10", {"fourier_features": 0}, "fourier_features must be"),
+        ("linear-ood-graph-d10", {"edges_per_node": 0.4}, "scale-free graphs attach"),
+        ("sergio-ood-graph-d10", {"edges_per_node": 0.4}, "scale-free graphs attach"),
     ],
 )
 def test_registry_rejects_bad_input(name, overrides, message):

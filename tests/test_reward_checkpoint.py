@@ -35,6 +35,31 @@ def test_save_load_roundtrip(tmp_path, params):
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
 
 
+def test_frozen_params_save_and_load(tmp_path, params):
+    from flax.core import freeze
+
+    path = save_weights(tmp_path / "w.msgpack", freeze(params), CFG)
+    jax.tree.map(np.testing.assert_array_equal, params, load_weights(path).params)
+
+
+def test_load_weights_names_the_file_when_a_tagged_file_is_damaged(tmp_path, params):
+    from flax import serialization
+
+    from caasl_jax.reward.checkpoint import FORMAT
+
+    good = {"format": FORMAT, "config": CFG.to_json(), "meta": "{}", "params": {}}
+    for label, change, message in [
+        ("no-config", {"config": None}, "damaged KeyError"),
+        ("bad-json", {"config": "{not json"}, "damaged JSONDecodeError"),
+        ("bad-params", {}, "parameters do not match"),
+    ]:
+        tree = {k: v for k, v in {**good, **change}.items() if v is not None}
+        path = tmp_path / f"{label}.msgpack"
+        path.write_bytes(serialization.msgpack_serialize(tree))
+        with pytest.raises(ValueError, match=f"{label}.msgpack: .*{message}"):
+            load_weights(path)
+
+
 def test_load_weights_rejects_other_files(tmp_path, params):
     with pytest.raises(ValueError, match="no such weights file"):
         load_weights(tmp_path / "missing.msgpack")

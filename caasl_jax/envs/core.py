@@ -72,6 +72,8 @@ def append_rows(
     happens in place.
     """
     k = values.shape[0]
+    if k > history.data.shape[0]:  # no room for k rows at all (budget 0): never enabled
+        return history
     rows = jnp.stack([values, targets.astype(values.dtype)], axis=-1)
     start = jnp.minimum(history.length, history.data.shape[0] - k)
     current = jax.lax.dynamic_slice_in_dim(history.data, start, k, axis=0)

@@ -64,6 +64,21 @@ def scale_free_dag(key: jax.Array, d: int, edges_per_node: int = 3) -> jax.Array
     return permute_graph(perm_key, adjacency)
 
 
+def graph_prior_problem(kind: str, edges_per_node: float) -> str | None:
+    """Why (kind, edges_per_node) names no graph prior (None if it does): environments
+    check this when built, before any graph is sampled."""
+    if kind not in GRAPH_KINDS:
+        return f"unknown graph_kind {kind!r}; choose one of {GRAPH_KINDS}"
+    if not edges_per_node > 0:
+        return f"edges_per_node must be > 0, got {edges_per_node}"
+    if kind == "sf" and round(edges_per_node) < 1:
+        return (
+            "scale-free graphs attach round(edges_per_node) >= 1 edges per node, got "
+            f"edges_per_node={edges_per_node}"
+        )
+    return None
+
+
 def sample_graph(key: jax.Array, d: int, kind: str = "er", edges_per_node: float = 3.0):
     """A random DAG f32[d, d] from the named prior ('er' or 'sf')."""
     if kind == "er":

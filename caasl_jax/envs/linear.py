@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
-from caasl_jax.envs.graphs import GRAPH_KINDS, sample_graph
+from caasl_jax.envs.graphs import graph_prior_problem, sample_graph
 
 NOISE_KINDS = ("gaussian", "gumbel")
 INTERVENTION_KINDS = ("do", "shift")
@@ -85,17 +85,26 @@ class LinearSCMEnv(Environment):
     def __post_init__(self):
         name = type(self).__name__
         validate_sizes(name, self.d, self.n0, self.budget, self.samples_per_step)
+        graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
+        if graph_problem:
+            raise ValueError(f"{name}: {graph_problem}")
         for value, allowed, what in [
-            (self.graph_kind, GRAPH_KINDS, "graph_kind"),
             (self.noise, NOISE_KINDS, "noise"),
             (self.intervention, INTERVENTION_KINDS, "intervention"),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name}: unknown {what} {value!r}; choose one of {allowed}")
-        if self.edges_per_node <= 0:
-            raise ValueError(f"{name}: edges_per_node must be > 0, got {self.edges_per_node}")
-        if self.value_scale <= 0:
-            raise ValueError(f"{name}: value_scale must be > 0, got {self.value_scale}")
+        positive = ["value_scale", "noise_concentration", "noise_rate"]
+        if self.heteroskedastic:
+            positive += ["fourier_features", "fourier_length_scale", "fourier_output_scale"]
+        for field in positive:  # NaN and inf fail too: they would only surface as NaN data
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name}: {field} must be a finite number > 0, got {value!r}")
+        if self.heteroskedastic and not isinstance(self.fourier_features, int):
+            raise ValueError(
+                f"{name}: fourier_features must be an integer, got {self.fourier_features!r}"
+            )
 
     @property
     def action_dim(self) -> int:

@@ -77,7 +77,12 @@ def make_env(name: str, **overrides) -> Environment:
             f"unknown {match['family']} variant {variant!r} in {name!r}; known: {known}"
         )
     d = int(match["d"])
-    settings = {**variants[variant], "d": d, **overrides}
+    if overrides.get("d", d) != d:
+        raise ValueError(
+            f"make_env({name!r}, d={overrides['d']!r}): the name sets d = {d}; "
+            f"ask for '{name[: match.start('d')]}{overrides['d']}' instead"
+        )
+    settings = {**variants[variant], **overrides, "d": d}
     try:
         return builder(**settings)
     except TypeError as error:

@@ -92,7 +92,7 @@ from flax import struct
 from jax.scipy.special import ndtri
 
 from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
-from caasl_jax.envs.graphs import GRAPH_KINDS, sample_graph, topological_depth
+from caasl_jax.envs.graphs import graph_prior_problem, sample_graph, topological_depth
 from caasl_jax.hash_random import hash_bits, split_words
 
 INTERVENTION_KINDS = ("knockout", "knockdown")
@@ -422,8 +422,10 @@ class SergioEnv(Environment):
             if len(value) != 2:
                 raise ValueError(f"{name}: {field} must be (low, high), got {value!r}")
             object.__setattr__(self, field, (float(value[0]), float(value[1])))
+        graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
+        if graph_problem:
+            raise ValueError(f"{name}: {graph_problem}")
         for value, allowed, what in [
-            (self.graph_kind, GRAPH_KINDS, "graph_kind"),
             (self.intervention, INTERVENTION_KINDS, "intervention"),
             (self.platform, tuple(PLATFORMS), "platform"),
             (self.increments, INCREMENT_KINDS, "increments"),
@@ -431,7 +433,6 @@ class SergioEnv(Environment):
             if value not in allowed:
                 raise ValueError(f"{name}: unknown {what} {value!r}; choose one of {allowed}")
         checks = [
-            (self.edges_per_node > 0, f"edges_per_node must be > 0, got {self.edges_per_node}"),
             (
                 0.0 <= self.intervention_noise < 1.0,
                 f"intervention_noise must be in [0, 1), got {self.intervention_noise}",

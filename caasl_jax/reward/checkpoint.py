@@ -20,6 +20,7 @@ import io
 import json
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,10 +77,17 @@ def load_weights(path: str | Path) -> Pretrained:
     if not path.is_file():
         raise ValueError(f"{path}: no such weights file")
     tree = read_tagged_msgpack(path, FORMAT, "weights")
-    config = AviciConfig.from_dict(json.loads(tree["config"]))
-    params = tree["params"]
-    check_params(params, config)
-    return Pretrained(params, config, json.loads(tree["meta"]))
+    try:
+        config = AviciConfig.from_dict(json.loads(tree["config"]))
+        params, meta = tree["params"], json.loads(tree["meta"])
+        check_params(params, config)
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: not a caasl-jax weights file (damaged {type(err).__name__}: {err})"
+        ) from None
+    except ValueError as err:  # a config or parameters that do not fit together
+        raise ValueError(f"{path}: {err}") from None
+    return Pretrained(params, config, meta)
 
 
 def available_pretrained() -> list[str]:
@@ -112,7 +120,8 @@ def load_reward_model(name_or_path: str | Path):
 
 
 def _to_numpy(tree):
-    if isinstance(tree, dict):
+    """Nested plain dicts of numpy arrays (FrozenDicts and other mappings included)."""
+    if isinstance(tree, Mapping):
         return {k: _to_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
 
