@@ -34,11 +34,13 @@ POLICY_FORMAT = "caasl-jax-policy-v1"
 
 
 def agent_policy(agent, policy_params, mode: str = "stochastic") -> Policy:
-    """The CAASL policy of a REDQ agent as a design policy (dropout off)."""
+    """The CAASL policy of a REDQ agent as a design policy: sampled actions ("stochastic";
+    dropout off unless the policy config sets act_with_dropout, as in the TD targets) or
+    the mean action ("deterministic", dropout off)."""
     if mode not in POLICY_MODES:
         raise ValueError(f"unknown policy mode {mode!r}; choose one of {POLICY_MODES}")
     if mode == "stochastic":
-        act = agent.acting_fn(deterministic=True)
+        act = agent.acting_fn()
         return lambda key, history: act(policy_params, key, history.data, history.mask)[0]
     from caasl_jax.agents.networks import mode_action
     from caasl_jax.microbatch import vmap_in_chunks

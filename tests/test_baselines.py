@@ -369,6 +369,25 @@ def test_unsupported_envs_raise():
         LIKELIHOOD_BASELINES["diffcbed"](sergio, params, jax.random.key(0), progress=False)
 
 
+def test_settings_that_would_silently_observe_only_are_refused():
+    from caasl_jax.baselines.diffcbed import DiffCBEDConfig
+    from caasl_jax.baselines.ss_finite import SSFiniteConfig
+
+    for bad, message in [
+        (lambda: DiffCBEDConfig(epochs=0), "epochs must be an integer >= 1"),
+        (lambda: DiffCBEDConfig(n_outer=0), "n_outer must be an integer >= 1"),
+        (lambda: DiffCBEDConfig(lr=0.0), "lr must be > 0"),
+        (lambda: SSFiniteConfig(n_datasets=0), "n_datasets must be an integer >= 1"),
+        (lambda: SSFiniteConfig(value_action=2.0), r"value_action must be in \[-1, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bad()
+    env = make_env("linear-d3")
+    params = ev.heldout_params(env, 1, 0)
+    with pytest.raises(ValueError, match="n_particles must be an integer >= 2, got 1"):
+        LIKELIHOOD_BASELINES["diffcbed"](env, params, jax.random.key(0), n_particles=1)
+
+
 @pytest.mark.parametrize("name", ["diffcbed", "ss-finite"])
 def test_run_returns_rollout_shaped_histories(name):
     env = make_env("linear-sparse-d3", n0=6, budget=2, intervention="shift")

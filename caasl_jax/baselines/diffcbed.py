@@ -46,6 +46,21 @@ class DiffCBEDConfig:
     anneal_epochs: int = 80
     n_outer: int = 16
 
+    def __post_init__(self):
+        # each of these at 0 leaves the EIG at NaN or -inf: the design would silently
+        # fall back to the optimiser's start (observe only)
+        for name in ("epochs", "design_samples", "n_outer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DiffCBEDConfig: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.anneal_epochs, int) or self.anneal_epochs < 0:
+            raise ValueError(
+                f"DiffCBEDConfig: anneal_epochs must be an integer >= 0, got {self.anneal_epochs!r}"
+            )
+        for name in ("lr", "temperature_start", "temperature_end"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DiffCBEDConfig: {name} must be > 0, got {getattr(self, name)!r}")
+
 
 def nested_mc_eig(
     particles: Particles,

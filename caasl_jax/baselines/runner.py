@@ -157,6 +157,9 @@ def run_design_loop(
     other is refused.
     """
     check_supported(env, name)
+    if not isinstance(n_particles, int) or n_particles < 2:
+        # DiffCBED's leave-one-out EIG needs another particle; one particle is no posterior
+        raise ValueError(f"{name}: n_particles must be an integer >= 2, got {n_particles!r}")
     n_workers = (os.cpu_count() or 1) if n_workers is None else n_workers
     batch = jax.tree.leaves(env_params)[0].shape[0]
     reset_keys, act_keys, env_keys = _split_keys(key, batch, env.budget)

@@ -44,6 +44,18 @@ class SSFiniteConfig:
     n_datasets: int = 16
     batch: int = 1
 
+    def __post_init__(self):
+        counts = ("n_datasets", "batch") + (() if self.max_targets is None else ("max_targets",))
+        for name in counts:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SSFiniteConfig: {name} must be an integer >= 1, got {value!r}")
+        if not -1.0 <= self.value_action <= 1.0:
+            raise ValueError(
+                f"SSFiniteConfig: value_action must be in [-1, 1] (it is scaled by the env's "
+                f"value_scale), got {self.value_action!r}"
+            )
+
 
 # ----------------------------------------------------------------------------------
 # candidates
