@@ -3,9 +3,10 @@
 The release stores obs and next_obs (two f32[n0 + T, d, 2] histories) per transition;
 we store each episode once (see caasl_jax/replay.py). Prints JSON.
 
-    python benchmarks/replay_memory.py
+    python -m benchmarks.replay_memory
 """
 
+import argparse
 import json
 
 from caasl_jax.replay import bytes_per_transition, init_replay
@@ -26,7 +27,8 @@ def release_bytes(n0: int, budget: int, d: int, action_dim: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help
     report = {}
     for name, (n0, budget, d, action_dim) in SETTINGS.items():
         state = init_replay(64, n0=n0, budget=budget, d=d, action_dim=action_dim)
