@@ -128,7 +128,12 @@ def branch_index(name: str, mode: str = "stochastic") -> jnp.ndarray:
 
 
 def switched_policy(env: Environment, agent, branch, policy_params) -> Policy:
-    """The design policy selected by the traced int `branch` (see DESIGN_BRANCHES)."""
+    """The design policy selected by the traced int `branch` (see DESIGN_BRANCHES).
+
+    Without an agent only the baseline branches exist, and a (traced, so unchecked)
+    CAASL branch index would run the last baseline: `evaluate_design` refuses that case
+    before tracing; direct callers must do the same.
+    """
     branches = [make(env) for make in BASELINES.values()]
     if agent is not None:
         branches += [agent_policy(agent, policy_params, mode) for mode in POLICY_MODES]
