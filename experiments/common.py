@@ -130,6 +130,22 @@ def discard_progress(folder: Path) -> None:
         folder.rmdir()
 
 
+def _check_progress_is_this_runs(saved: list[Path], config) -> None:
+    """ValueError if saved progress belongs to an (env, design) this run does not
+    evaluate: the run would end by discarding it, hours of GIES refits."""
+    from caasl_jax.evaluate import expand_env_names
+
+    ours = {f"{env}--{design}" for env in expand_env_names(config.envs) for design in
+            config.baselines}  # fmt: skip
+    foreign = [path.name for path in saved if path.stem not in ours]
+    if foreign:
+        raise ValueError(
+            f"{saved[0].parent} holds baseline progress of another run ({', '.join(foreign)});"
+            " rerun with that run's --baselines and environments to resume it, choose another"
+            " --out, or pass --overwrite to discard it"
+        )
+
+
 def run_figure(name: str, argv=None) -> dict:
     """Run one figure's experiment; returns the results dict it wrote."""
     from caasl_jax.evaluate import check_output_dir, evaluate_suite, write_results
@@ -151,7 +167,9 @@ def run_figure(name: str, argv=None) -> dict:
     progress = out / PROGRESS_DIR
     if args.overwrite:
         discard_progress(progress)
-    resumed = bool(progress_files(progress))
+    saved = progress_files(progress)
+    _check_progress_is_this_runs(saved, config)
+    resumed = bool(saved)
     if resumed:
         print(f"resuming the likelihood baselines from {progress}/ (results written at "
               "the end replace any earlier ones in that folder)")  # fmt: skip

@@ -81,6 +81,17 @@ def test_baseline_progress_is_resumed_or_discarded_but_nothing_else_touched(tmp_
     assert (progress / "metrics.jsonl").exists()
 
 
+def test_progress_of_another_run_is_refused_not_discarded(tmp_path):
+    out = tmp_path / "fig3"
+    (out / common.PROGRESS_DIR).mkdir(parents=True)
+    saved = out / common.PROGRESS_DIR / "linear-d10--diffcbed.msgpack"
+    saved.write_bytes(b"hours of GIES refits")
+    # a quick rerun without the likelihood baselines would end by discarding it
+    with pytest.raises(ValueError, match="holds baseline progress of another run"):
+        common.run_figure("fig3_linear_likelihood", ["--out", str(out), "--baselines", "random"])
+    assert saved.read_bytes() == b"hours of GIES refits"
+
+
 def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, capsys):
     import reward_reference
 
