@@ -92,7 +92,7 @@ def run_benchmark(name: str) -> dict:
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     stamps = load_stamps()
-    stamps[name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamps[name] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     STAMPS_FILE.write_text(json.dumps(dict(sorted(stamps.items())), indent=2) + "\n")
     return result
 
@@ -497,7 +497,7 @@ def measured_between(stamps: list[str]) -> str:
     """'between <first> and <last> UTC' of ISO times (one time if they agree to the minute)."""
     times = [datetime.datetime.fromisoformat(t) for t in stamps]
     first, last = (
-        t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        t.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M")
         for t in (min(times), max(times))
     )
     return f"{first} UTC" if first == last else f"between {first} and {last} UTC"
