@@ -103,8 +103,15 @@ def validate(settings: Settings) -> None:
     if s.local_device_count is not None and s.local_device_count < 1:
         raise ValueError(f"local device count must be >= 1, got {s.local_device_count}")
     explicit = (s.coordinator, s.num_processes, s.process_id)
-    if s.auto:
-        return  # jax fills in what is missing from the cluster's environment
+    if s.auto:  # jax reads everything from the cluster's environment
+        if any(x is not None for x in explicit):
+            raise ValueError(
+                "auto-detection (--distributed-auto or CAASL_DISTRIBUTED=auto) reads the "
+                "cluster's environment and would ignore the coordinator, num_processes and "
+                f"process_id also given (coordinator={s.coordinator!r}, num_processes="
+                f"{s.num_processes}, process_id={s.process_id}); use one or the other"
+            )
+        return
     if all(x is None for x in explicit):
         return
     if any(x is None for x in explicit):

@@ -230,6 +230,12 @@ def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
         ({}, {"CAASL_NUM_PROCESSES": "two"}, "CAASL_NUM_PROCESSES must be an integer"),
         ({"local_device_count": 0}, {}, "local device count must be >= 1"),
         ({}, {"CAASL_DISTRIBUTED": "yes"}, "CAASL_DISTRIBUTED must be 'auto'"),
+        ({"process_id": 9, "auto": True}, {}, "would ignore the coordinator"),
+        (
+            {"coordinator": "h:1", "num_processes": 2, "process_id": 0},
+            {"CAASL_DISTRIBUTED": "auto"},
+            "use one or the other",
+        ),
     ],
 )
 def test_bad_settings_fail_clearly(kwargs, environ, message):
