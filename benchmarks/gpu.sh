@@ -2,6 +2,9 @@
 # The issue-7 figures on one GPU, in about 5 minutes (prepared for an H200; run from
 # the repository root):
 #     bash benchmarks/gpu.sh            # JSON under $OUT, else benchmarks/results/gpu/
+# Time limits: 2 x 75 s (gradient steps, one per precision) + 120 s (one paper
+# iteration) = 270 s, plus start-up. A step sweep cut short keeps the rows it finished
+# (grad_step --rows); the script exits 1 if summary.json lacks any measurement.
 # Records: the paper-size gradient step at minibatch 256 / 1,024 / 4,096 and action
 # sampling for 1,000 histories, in float32 and with bfloat16 matmuls; one whole
 # paper-configuration iteration (1,000 envs x 10 steps + 64 updates of batch 4,096,
@@ -25,7 +28,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
   TRAIN_SETS=(--set num_envs=8 --set batch_size=8 --set updates_per_iteration=1
               --set warmup_episodes=8 --set replay_episodes=64)
 else
-  BATCHES="256 1024 4096"; ACT=1000; STEP_LIMIT=90; TRAIN_LIMIT=150
+  BATCHES="256 1024 4096"; ACT=1000; STEP_LIMIT=75; TRAIN_LIMIT=120
   TRAIN_SETS=(--set warmup_episodes=1000 --set replay_episodes=100000)
 fi
 mkdir -p "$OUT_DIR"
@@ -39,8 +42,10 @@ python3 -c "import jax; print(jax.devices())"
 
 for precision in float32 bfloat16; do
   # shellcheck disable=SC2086
+  rm -f "$OUT_DIR/grad_step_$precision.rows.jsonl"
   timeout "$STEP_LIMIT" python3 -m benchmarks.grad_step --batch-sizes $BATCHES --devices 1 \
     --device-batch "${BATCHES%% *}" --act-histories "$ACT" --matmul-precision "$precision" --repeats 5 \
+    --rows "$OUT_DIR/grad_step_$precision.rows.jsonl" \
     > "$OUT_DIR/grad_step_$precision.json" || echo "grad_step $precision failed or timed out"
 done
 
@@ -48,19 +53,20 @@ timeout "$TRAIN_LIMIT" python3 -m benchmarks.train_throughput --config linear-d1
   --repeats 3 --set iterations_per_call=1 "${TRAIN_SETS[@]}" \
   > "$OUT_DIR/train_paper.json" || echo "train_throughput failed or timed out"
 
-python3 - "$OUT_DIR" <<'PY'
+python3 - "$OUT_DIR" "$BATCHES" <<'PY'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-summary = {}
+out, batches = Path(sys.argv[1]), [int(b) for b in sys.argv[2].split()]
+summary, missing = {}, []
 for prec in ("float32", "bfloat16"):
-    path = out / f"grad_step_{prec}.json"
-    if path.exists() and path.stat().st_size:
-        g = json.loads(path.read_text())
-        summary[prec] = {
-            "grad_step_s": {r["batch"]: r["seconds"] for r in g["batch_sweep"]},
-            "act": {"histories": g["act"]["batch"], "seconds": g["act"]["seconds"]},
-        }
+    rows_path = out / f"grad_step_{prec}.rows.jsonl"  # every finished row, even if cut short
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    steps = {r["batch"]: r["seconds"] for r in rows if r["what"] == "update" and r["devices"] == 1}
+    act = [r for r in rows if r["what"] == "act"]
+    summary[prec] = {"grad_step_s": steps}
+    if act:
+        summary[prec]["act"] = {"histories": act[0]["batch"], "seconds": act[0]["seconds"]}
+    missing += [f"{prec} act"] * (not act) + [f"{prec} step B={b}" for b in batches if b not in steps]
 path = out / "train_paper.json"
 if path.exists() and path.stat().st_size:
     r = json.loads(path.read_text())["results"][0]
@@ -68,6 +74,10 @@ if path.exists() and path.stat().st_size:
     summary["paper_iteration_s"] = iteration_s
     summary["projected_paper_run_hours"] = 10_001 * iteration_s / 3600
     summary["goal_hours"] = 8
+else:
+    missing.append("paper iteration")
+summary["missing"] = missing
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
+sys.exit(1 if missing else 0)
 PY

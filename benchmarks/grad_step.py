@@ -133,7 +133,9 @@ def _measure(spec: dict) -> dict:
     return result
 
 
-def _run(spec: dict) -> dict:
+def _run(spec: dict, rows_path: str | None = None) -> dict:
+    """One measurement in a fresh process; its row is also appended to `rows_path`
+    (JSON lines) at once, so a run cut short by a time limit keeps what it measured."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.grad_step", "--spec", json.dumps(spec)],
         capture_output=True,
@@ -143,7 +145,11 @@ def _run(spec: dict) -> dict:
     if out.returncode:
         sys.stderr.write(out.stderr[-4000:])
         raise SystemExit(f"benchmark {spec} failed")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if rows_path:
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
 
 
 def main(argv=None) -> dict:
@@ -158,6 +164,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--matmul-precision", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--microbatch", type=int, default=None, help="default: automatic")
     parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--rows", help="also append each measurement to this JSON-lines file")
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     uneven = [n for n in args.devices if args.device_batch % n]
@@ -177,14 +184,16 @@ def main(argv=None) -> dict:
         "benchmark": "grad_step",
         "release": RELEASE,
         "history_shape": [N_ROWS, D, 2],
-        "act": _run({**base, "what": "act", "batch": args.act_histories}),
-        "batch_sweep": [_run({**base, "what": "update", "batch": b}) for b in args.batch_sizes],
+        "act": _run({**base, "what": "act", "batch": args.act_histories}, args.rows),
+        "batch_sweep": [
+            _run({**base, "what": "update", "batch": b}, args.rows) for b in args.batch_sizes
+        ],
     }
     measured = {r["batch"]: r for r in results["batch_sweep"]}
     results["device_sweep"] = [
         measured[args.device_batch]
         if n == 1 and args.device_batch in measured
-        else _run({**base, "what": "update", "batch": args.device_batch, "devices": n})
+        else _run({**base, "what": "update", "batch": args.device_batch, "devices": n}, args.rows)
         for n in args.devices
     ]
     results["machine"] = machine_info()
