@@ -327,10 +327,15 @@ def render(results: dict, stamp: str) -> str:
         "env transitions / s (fused) |",
         "|---|---|---|---|---|",
     ]
-    for g, s in zip(grad["device_sweep"], small["results"]):
+    steps = {g["devices"]: g for g in grad["device_sweep"]}
+    fused = {r["devices"]: r["fused"] for r in small["results"]}
+    for n in sorted(steps.keys() | fused.keys()):  # paired by device count; "—" if unmeasured
+        g, f = steps.get(n), fused.get(n)
         lines.append(
-            f"| {g['devices']} | {_f(g['seconds'])} | {_f(g['histories_per_s'], 1)} | "
-            f"{_f(s['fused']['call_s'])} | {s['fused']['transitions_per_s']:,.0f} |"
+            f"| {n} | {_f(g['seconds']) if g else '—'} | "
+            f"{_f(g['histories_per_s'], 1) if g else '—'} | "
+            f"{_f(f['call_s']) if f else '—'} | "
+            f"{format(f['transitions_per_s'], ',.0f') if f else '—'} |"
         )
     lines += [
         "",

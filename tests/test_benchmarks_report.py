@@ -94,6 +94,14 @@ def test_render_reports_speedups_and_target_status():
     assert "10x (NOT met)" in slow
 
 
+def test_device_rows_pair_the_step_and_the_fused_call_by_device_count():
+    results = _results(grad_s=8.05, act_s=4.0)
+    results["train_small"]["results"] = [dict(results["train_small"]["results"][1])]  # 2 only
+    text = report.render(results, "now")
+    assert "| 1 | 8.05 | 31.8 | — | — |" in text
+    assert "| 2 | 5.37 | 47.7 | 10.00 | 80 |" in text
+
+
 def test_from_json_without_saved_results_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="grad_step"):
