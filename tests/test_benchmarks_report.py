@@ -102,6 +102,14 @@ def test_device_rows_pair_the_step_and_the_fused_call_by_device_count():
     assert "| 2 | 5.37 | 47.7 | 10.00 | 80 |" in text
 
 
+def test_figures_from_another_machine_are_named():
+    results = _results(grad_s=8.05, act_s=4.0)
+    assert "; except" not in report.render(results, "now")
+    gpu = {**results["grad_step"]["machine"], "cpu_count": 16, "backend": "gpu"}
+    results["train_paper"]["results"][0]["machine"] = gpu
+    assert "; except train_paper (x86_64, 16 cores, jax 0 (gpu))." in report.render(results, "now")
+
+
 def test_from_json_without_saved_results_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="grad_step"):
