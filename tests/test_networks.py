@@ -86,6 +86,25 @@ def test_padding_content_changes_nothing(encoder):
     assert not np.allclose(enc.apply(params, changed, mask), out)
 
 
+def test_log2_cpm_inputs_ignore_library_size_and_padding():
+    """SERGIO counts: the encoder reads log2-CPM values, so a cell sequenced twice as deep
+    (every count doubled) is the same cell; padded rows still change nothing."""
+    enc = Encoder(EncoderConfig(dim=8, num_layers=1, num_heads=2, input_standardization="log2_cpm"))
+    apply = jax.jit(enc.apply)
+    data, mask = make_history()
+    counts = jnp.floor(50.0 * jnp.abs(data[..., 0]))  # zeros included (dropouts)
+    data = data.at[..., 0].set(counts)
+    params = jax.jit(enc.init)(jax.random.key(1), data, mask)
+    out = apply(params, data, mask)
+    deeper = data.at[2, :, 0].multiply(2.0)
+    np.testing.assert_allclose(apply(params, deeper, mask), out, atol=ATOL)
+    junk = data.at[LENGTH:, :, 0].set(1e6)
+    np.testing.assert_array_equal(apply(params, junk, mask), out)
+    assert not np.allclose(apply(params, data.at[0, 1, 0].add(40.0), mask), out)
+    assert paper_configs("sergio")[0].encoder.input_standardization == "log2_cpm"
+    assert paper_configs("linear")[1].encoder.input_standardization == "none"
+
+
 def test_encoder_batched_matches_single(encoder):
     enc, params = encoder
     d1, m1 = make_history(0, length=3)
@@ -332,6 +351,7 @@ def test_paper_sizes():
     [
         (lambda: EncoderConfig(dim=30, num_heads=8), "divisible"),
         (lambda: EncoderConfig(dropout=1.0), "dropout"),
+        (lambda: EncoderConfig(input_standardization="log"), "input_standardization must be"),
         (lambda: PolicyConfig(action_kind="values"), "action_kind"),
         (lambda: PolicyConfig(log_std_min=1.0, log_std_max=0.0), "log_std_min"),
         (lambda: CriticConfig(num_critics=0), "num_critics"),

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from caasl_jax.dropout import HashDropout
+from caasl_jax.reward.standardize import STANDARDIZERS, standardize
 
 ACTION_KINDS = ("targets_values", "targets")
 
@@ -73,7 +74,10 @@ class EncoderConfig:
     (4 linear, 3 SERGIO); num_heads: attention heads (dim must divide by it);
     ffn_multiplier: feed-forward width = ffn_multiplier * dim (4 policy, 2 Q);
     dropout: rate on attention weights and residual branches (used only when the
-    module is called with deterministic=False).
+    module is called with deterministic=False); input_standardization: of the values
+    before the embedding, "none" (linear SCMs, as in the release) or one of the reward
+    model's padding-aware standardisations, "log2_cpm" for SERGIO's counts (the
+    release's SERGIO histories are log2-CPM normalised) or "zscore".
     """
 
     dim: int = 32
@@ -81,6 +85,7 @@ class EncoderConfig:
     num_heads: int = 8
     ffn_multiplier: int = 4
     dropout: float = 0.0
+    input_standardization: str = "none"
 
     def __post_init__(self):
         _check_positive_int("EncoderConfig", "dim", self.dim)
@@ -94,6 +99,12 @@ class EncoderConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"EncoderConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        kinds = ("none", *STANDARDIZERS)
+        if self.input_standardization not in kinds:
+            raise ValueError(
+                f"EncoderConfig: input_standardization must be one of {kinds}, "
+                f"got {self.input_standardization!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,16 +165,17 @@ class CriticConfig:
 def paper_configs(env: str, num_critics: int = 2) -> tuple[PolicyConfig, CriticConfig]:
     """Network sizes of the paper / public release for env 'linear' or 'sergio'."""
     if env == "linear":
-        layers, kind = 4, "targets_values"
+        layers, kind, inputs = 4, "targets_values", "none"
     elif env == "sergio":
-        layers, kind = 3, "targets"
+        layers, kind, inputs = 3, "targets", "log2_cpm"
     else:
         raise ValueError(f"paper_configs: env must be 'linear' or 'sergio', got {env!r}")
+    encoder = EncoderConfig(num_layers=layers, input_standardization=inputs)
     policy = PolicyConfig(
-        encoder=EncoderConfig(num_layers=layers, ffn_multiplier=4, dropout=0.1), action_kind=kind
+        encoder=dataclasses.replace(encoder, ffn_multiplier=4, dropout=0.1), action_kind=kind
     )
     critic = CriticConfig(
-        encoder=EncoderConfig(num_layers=layers, ffn_multiplier=2, dropout=0.0),
+        encoder=dataclasses.replace(encoder, ffn_multiplier=2, dropout=0.0),
         action_kind=kind,
         num_critics=num_critics,
     )
@@ -343,9 +355,12 @@ class Encoder(nn.Module):
         chex.assert_axis_dimension(data, -1, 2)
         chex.assert_equal_shape_prefix([data, mask], mask.ndim)
         mask = mask.astype(bool)
-        row_mask = mask[..., :, None, None]  # [..., N, 1, 1]
-        # Padding content must not matter: zero it before anything sees it.
-        x = nn.Dense(cfg.dim, name="embed")(jnp.where(row_mask, data, 0.0))  # [..., N, d, D]
+        if cfg.input_standardization == "none":
+            # Padding content must not matter: zero it before anything sees it.
+            data = jnp.where(mask[..., :, None, None], data, 0.0)
+        else:  # statistics of the valid rows only; padded rows come out as zeros
+            data = standardize(data, mask, cfg.input_standardization)
+        x = nn.Dense(cfg.dim, name="embed")(data)  # [..., N, d, D]
         for layer in range(cfg.num_layers):
             block = dict(
                 num_heads=cfg.num_heads,
