@@ -542,7 +542,8 @@ def train(
 
     chunk = trainer.compile_chunk(state)
     evaluate = make_evaluator(trainer, reward_params)  # every process (one SPMD program)
-    writer = _tensorboard(run) if primary else None
+    purge_step = calls_done * config.iterations_per_call + 1 if resume else None
+    writer = _tensorboard(run, purge_step) if primary else None
     transitions_per_call = config.num_envs * trainer.env.budget * config.iterations_per_call
     last_call = (
         config.host_calls if max_calls is None else min(config.host_calls, calls_done + max_calls)
@@ -661,12 +662,15 @@ def _save_args(tree):
     return ocp.args.StandardSave(tree)
 
 
-def _tensorboard(run: RunDir):
+def _tensorboard(run: RunDir, purge_step: int | None = None):
+    """Event writer for tb/ (None without tensorboardX). purge_step: the first iteration
+    a resumed run redoes; TensorBoard drops the earlier run's points from there on, as
+    the JSON-lines logs are trimmed."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:  # optional
         return None
-    return SummaryWriter(str(run.tensorboard))
+    return SummaryWriter(str(run.tensorboard), purge_step=purge_step)
 
 
 def _log_scalars(writer, row: dict, step: int) -> None:

@@ -217,7 +217,17 @@ def test_packaged_configs_load_and_set_overrides():
     assert trainer.env.d == 5 and trainer.env.n_rows == 25
 
 
-def test_cli_train_and_resume(tiny, tmp_path, capsys):
+def test_cli_train_and_resume(tiny, tmp_path, capsys, monkeypatch):
+    import tensorboardX
+
+    purge_steps = []
+
+    class RecordingWriter(tensorboardX.SummaryWriter):
+        def __init__(self, logdir, purge_step=None):
+            purge_steps.append(purge_step)
+            super().__init__(logdir, purge_step=purge_step)
+
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", RecordingWriter)
     _, data, _ = tiny
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(data))
@@ -231,6 +241,9 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"call": 0, "critic_lo')  # torn by a kill mid-write: resume skips it
     assert cli_main(["train", "--resume", str(run)]) == 0
+    # the resumed run redoes from iteration 3 (1 call of 2 iterations kept): TensorBoard
+    # drops the first run's points from there
+    assert purge_steps == [None, 3]
     assert cli_main(["train", "--config", str(config_file), "--set", "batch_size=-3"]) == 2
 
 
