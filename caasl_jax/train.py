@@ -47,7 +47,7 @@ from caasl_jax.config import TrainConfig, from_dict, to_dict
 from caasl_jax.envs.core import Environment, empty_history
 from caasl_jax.envs.registry import make_env
 from caasl_jax.evaluate import agent_policy, heldout_params, random_policy, rollout_episodes
-from caasl_jax.jsonl import keep_rows_up_to
+from caasl_jax.jsonl import keep_rows_up_to, to_line
 
 AXIS = "data"
 # jitted functions per (config, devices): a resumed or repeated run in the same
@@ -563,7 +563,7 @@ def train(
             seconds = time.perf_counter() - start
             for i, row in enumerate(rows):
                 row.update(call=call, iteration=call * config.iterations_per_call + i + 1)
-                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.write(to_line(row))
                 _log_scalars(writer, row, row["iteration"])
             speed = {
                 "transitions_per_s": transitions_per_call / seconds,
@@ -579,7 +579,7 @@ def train(
                     "iteration": rows[-1]["iteration"],
                     **evaluate(state.agent.policy_params),
                 }
-                eval_file.write(json.dumps(eval_row) + "\n")
+                eval_file.write(to_line(eval_row))
                 eval_file.flush()
                 _log_scalars(writer, eval_row, eval_row["iteration"])
                 if eval_row["eval_return"] > best_return:

@@ -50,7 +50,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from caasl_jax.cli import positive_int
-from caasl_jax.jsonl import keep_rows_up_to
+from caasl_jax.jsonl import keep_rows_up_to, to_line
 from caasl_jax.metrics import batch_metrics
 from caasl_jax.reward.checkpoint import save_weights
 from caasl_jax.reward.model import AviciConfig, edge_logits, edge_probs, init_params, param_count
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copyfile(best_path, args.export)
             record["best_expected_correct"] = best
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_line(record))
             bar.write(
                 json.dumps(
                     {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
