@@ -169,6 +169,9 @@ def test_existing_run_is_not_overwritten(tiny, tmp_path):
     (run / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="already exists"):
         train_lib.train(config, run, progress=False)
+    # --overwrite replaces run directories only, and this one has no config.yaml
+    with pytest.raises(FileExistsError, match="replaces run directories only"):
+        train_lib.train(config, run, overwrite=True, progress=False, max_calls=0)
     assert (run / "precious.txt").read_text() == "keep me"
 
 
@@ -266,16 +269,6 @@ def test_resume_refuses_another_device_count(tmp_path):
     run.check_resumable(2)
     with pytest.raises(ValueError, match="it was trained on 2 .* resume it on 2 devices"):
         run.check_resumable(1)
-
-
-def test_overwrite_replaces_only_run_directories(tiny, tmp_path):
-    config, _, _ = tiny
-    folder = tmp_path / "not-a-run"
-    folder.mkdir()
-    (folder / "precious.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="replaces run directories only"):
-        train_lib.train(config, folder, overwrite=True, progress=False, max_calls=0)
-    assert (folder / "precious.txt").read_text() == "keep"
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent(

@@ -37,16 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from caasl_jax.checks import check_positive_int
 from caasl_jax.dropout import HashDropout
 from caasl_jax.reward.standardize import STANDARDIZERS, standardize
 
 ACTION_KINDS = ("targets_values", "targets")
-
-
-def _check_positive_int(cls: str, name: str, value, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{cls}: {name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_action_kind(cls: str, kind: str) -> None:
@@ -88,10 +83,10 @@ class EncoderConfig:
     input_standardization: str = "none"
 
     def __post_init__(self):
-        _check_positive_int("EncoderConfig", "dim", self.dim)
-        _check_positive_int("EncoderConfig", "num_layers", self.num_layers, allow_zero=True)
-        _check_positive_int("EncoderConfig", "num_heads", self.num_heads)
-        _check_positive_int("EncoderConfig", "ffn_multiplier", self.ffn_multiplier)
+        check_positive_int("EncoderConfig", "dim", self.dim)
+        check_positive_int("EncoderConfig", "num_layers", self.num_layers, minimum=0)
+        check_positive_int("EncoderConfig", "num_heads", self.num_heads)
+        check_positive_int("EncoderConfig", "ffn_multiplier", self.ffn_multiplier)
         if self.dim % self.num_heads:
             raise ValueError(
                 f"EncoderConfig: dim ({self.dim}) must be divisible by num_heads "
@@ -155,7 +150,7 @@ class CriticConfig:
     def __post_init__(self):
         _check_action_kind("CriticConfig", self.action_kind)
         _check_hidden("CriticConfig", self.hidden)
-        _check_positive_int("CriticConfig", "num_critics", self.num_critics)
+        check_positive_int("CriticConfig", "num_critics", self.num_critics)
 
     @property
     def per_variable(self) -> int:

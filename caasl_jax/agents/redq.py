@@ -49,6 +49,7 @@ from caasl_jax.agents.networks import (
     policy_distribution,
     to_env_action,
 )
+from caasl_jax.checks import check_positive_int
 from caasl_jax.envs.core import History
 
 # ----------------------------------------------------------------------------------
@@ -103,9 +104,7 @@ class REDQConfig:
 
     def __post_init__(self):
         for name in ("num_critics", "num_target_critics", "utd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"REDQConfig: {name} must be an integer >= 1, got {value!r}")
+            check_positive_int("REDQConfig", name, getattr(self, name))
         if self.num_target_critics > self.num_critics:
             raise ValueError(
                 f"REDQConfig: num_target_critics (M={self.num_target_critics}) must be <= "

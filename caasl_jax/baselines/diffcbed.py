@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from caasl_jax.baselines.posterior import Particles, design_log_likelihood, simulate_particle
+from caasl_jax.checks import check_positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +51,8 @@ class DiffCBEDConfig:
         # each of these at 0 leaves the EIG at NaN or -inf: the design would silently
         # fall back to the optimiser's start (observe only)
         for name in ("epochs", "design_samples", "n_outer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiffCBEDConfig: {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.anneal_epochs, int) or self.anneal_epochs < 0:
-            raise ValueError(
-                f"DiffCBEDConfig: anneal_epochs must be an integer >= 0, got {self.anneal_epochs!r}"
-            )
+            check_positive_int("DiffCBEDConfig", name, getattr(self, name))
+        check_positive_int("DiffCBEDConfig", "anneal_epochs", self.anneal_epochs, minimum=0)
         for name in ("lr", "temperature_start", "temperature_end"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DiffCBEDConfig: {name} must be > 0, got {getattr(self, name)!r}")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caasl_jax.baselines.posterior import Particles, log_likelihood, simulate_particle
+from caasl_jax.checks import check_positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +48,7 @@ class SSFiniteConfig:
     def __post_init__(self):
         counts = ("n_datasets", "batch") + (() if self.max_targets is None else ("max_targets",))
         for name in counts:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SSFiniteConfig: {name} must be an integer >= 1, got {value!r}")
+            check_positive_int("SSFiniteConfig", name, getattr(self, name))
         if not -1.0 <= self.value_action <= 1.0:
             raise ValueError(
                 f"SSFiniteConfig: value_action must be in [-1, 1] (it is scaled by the env's "
