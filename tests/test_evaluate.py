@@ -10,7 +10,7 @@ from test_train import tiny_config_dict, tiny_reward_weights
 from caasl_jax import evaluate as ev
 from caasl_jax import train as train_lib
 from caasl_jax.cli import main as cli_main
-from caasl_jax.config import TrainConfig, from_dict
+from caasl_jax.config import TrainConfig, from_dict, load_config
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward.checkpoint import load_weights
 
@@ -113,6 +113,15 @@ def test_one_compiled_rollout_serves_all_baselines_and_the_policy(tiny_run):
         env, "random", reward_params, reward_config, 6, 1, agent=agent, policy_params=policy_params
     )
     assert other["return"] != summaries["random"]["return"]
+
+
+@pytest.mark.parametrize("name", ["linear-d10", "sergio-d10"])
+def test_shipped_policy_was_trained_by_its_packaged_config(name):
+    """POLICY_CARD.md says `caasl train --config <name>-cpu` made each shipped policy: its
+    stored config must be that file, so the networks a rerun trains (e.g. SERGIO's
+    log2-CPM inputs) are the shipped ones. Changing one means retraining the other."""
+    _, _, shipped = ev.load_policy(name)
+    assert shipped == load_config(f"{name}-cpu")
 
 
 def test_policy_file_round_trip_and_errors(tiny_run, tmp_path, capsys):
