@@ -55,12 +55,13 @@ timeout "$TRAIN_LIMIT" python3 -m benchmarks.train_throughput --config linear-d1
 
 python3 - "$OUT_DIR" "$BATCHES" <<'PY'
 import json, sys
+from caasl_jax.jsonl import read_rows  # skips a line torn by the time limit
 from pathlib import Path
 out, batches = Path(sys.argv[1]), [int(b) for b in sys.argv[2].split()]
 summary, missing = {}, []
 for prec in ("float32", "bfloat16"):
     rows_path = out / f"grad_step_{prec}.rows.jsonl"  # every finished row, even if cut short
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    rows = read_rows(rows_path)
     steps = {r["batch"]: r["seconds"] for r in rows if r["what"] == "update" and r["devices"] == 1}
     act = [r for r in rows if r["what"] == "act"]
     summary[prec] = {"grad_step_s": steps}

@@ -28,6 +28,7 @@ import time
 
 from benchmarks.common import machine_info, time_call
 from caasl_jax.cli import positive_int
+from caasl_jax.jsonl import to_line
 
 # the authors' PyTorch release on this machine class (REFERENCE.md section 5)
 RELEASE = {"grad_step_s": 48.3, "grad_step_peak_gb": 14.4, "act_1000_s": 45.7}
@@ -148,7 +149,7 @@ def _run(spec: dict, rows_path: str | None = None) -> dict:
     row = json.loads(out.stdout.strip().splitlines()[-1])
     if rows_path:
         with open(rows_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_line(row))
     return row
 
 

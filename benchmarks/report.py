@@ -269,6 +269,7 @@ def render(results: dict, stamp: str) -> str:
     b256 = next(r for r in grad["batch_sweep"] if r["batch"] == 256)
     act = grad["act"]
     best = min(grad["device_sweep"], key=lambda r: r["seconds"])
+    others = other_machines(results)
     lines = [
         "# Measured figures",
         "",
@@ -276,7 +277,7 @@ def render(results: dict, stamp: str) -> str:
         "`--from-json`); raw JSON in `benchmarks/results/`. Do not edit by hand.",
         "",
         f"Measured {stamp} on: {_machine_text(machine)}, {machine['platform']}"
-        + (f"; except {', '.join(other_machines(results))}" if other_machines(results) else "")
+        + (f"; except {', '.join(others)}" if others else "")
         + ". The VM is shared: figures can vary by up to about 2x between runs. No GPU was "
         "lent to this task;",
         "`benchmarks/gpu.sh` is the prepared script that records these figures on one.",
@@ -516,20 +517,23 @@ step without micro-batching), measured on this VM during development:
   2.290 / 2.401 s after, i.e. no change).
 - **XLA's CPU compiler options** (2026-12-01, a 2-core Intel Xeon VM with AVX-512 and
   AMX; the step at B = 32 on one device, median of 5 calls, a fresh process per
-  option, baseline 1.91-2.31 s over 8 runs; `XLA_FLAGS=... python -m benchmarks.grad_step
-  --batch-sizes 32 --devices 1` measures one): `--xla_cpu_prefer_vector_width=512`
-  2.45 s, `--xla_cpu_enable_fast_math=true` 2.69 s, `--xla_cpu_use_onednn=true` 2.62 s,
+  option, baseline 1.91-2.46 s over 9 runs; `XLA_FLAGS=... python -m benchmarks.grad_step
+  --batch-sizes 32 --devices 1 --repeats 5` measures one): one run each of
+  `--xla_cpu_prefer_vector_width=512` 2.45 s, `--xla_cpu_enable_fast_math=true` 2.69 s,
+  `--xla_cpu_use_onednn=true` 2.62 s (with `--xla_cpu_experimental_onednn_fusion_type`
+  added it failed to compile: "partition compile failed");
   `--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`
-  2.03-2.33 s, YNNPACK element-wise and reduction fusions
-  (`--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce`) 1.79-1.93 s against
-  1.91-2.02 s in three alternating pairs; `--xla_cpu_experimental_xnn_fusion_type`
-  left the step bit-identical (no effect in jax 0.10.2). None is clearly outside the
-  VM's noise, so none is set. Also tried: both attention products of one block as
-  broadcast-multiply-sums in a feature-major layout ([..., C, S], reductions over
-  non-minor axes so that XLA vectorises over the sequence): the forward pass no faster
+  2.03-2.33 s in three runs; YNNPACK element-wise and reduction fusions
+  (`--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce`) 2.45 s in one run and
+  1.79-1.93 s against 1.91-2.02 s in three alternating pairs with the baseline;
+  `--xla_cpu_experimental_xnn_fusion_type` left the step bit-identical (no effect in
+  jax 0.10.2). None is faster beyond the VM's noise, so none is set. Also tried: both
+  attention products of one block as broadcast-multiply-sums in a feature-major
+  layout ([..., C, S], reductions over non-minor axes so that XLA vectorises over the
+  sequence): the forward pass no faster
   than the batched dots (per micro-batch of 4 histories, one core: samples 4.3 ms with
   dots vs 5.1 ms, variables 2.9 vs 2.9 ms) and its gradient 3-10x slower (samples
-  14.5 -> 157 ms, variables 9.3 -> 29.4 ms).
+  14.5 -> 157 ms, variables 9.3 -> 29.4 ms; ad-hoc script, not kept).
 - **Two cores.** XLA's CPU runtime used about 1.5 of the 2 cores on these small ops
   (process CPU time / wall time); splitting the batch over 2 fake devices lets each
   core run its own stream (table above)."""
