@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from caasl_jax import compile_cache
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a zero count is a usage error, reported before
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: args.func(args)
+    compile_cache.enable()
     try:
         return run()
     except (ValueError, FileExistsError, FileNotFoundError) as error:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from caasl_jax import compile_cache
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results"
@@ -151,6 +153,7 @@ def run_figure(name: str, argv=None) -> dict:
     from caasl_jax.evaluate import check_output_dir, evaluate_suite, write_results
 
     args = parse_args(name, argv)
+    compile_cache.enable()
     config = load_figure_config(name)
     overrides = {
         "policy": args.policy,
