@@ -2,12 +2,12 @@
 
 Compiling the fused training step, the evaluation rollouts and the reward model takes
 most of a short run (10 iterations of the small default, `caasl train --config small
---set iterations=10 --set eval_every=5`: 91 s cold, 42 s with a warm cache on the
-2-core Intel VM, 2026-12-02), and a resumed run or a second evaluation compiles the
-same programs again. `caasl` and the experiment scripts therefore keep JAX's persistent cache on
-disk. Which folder, first match wins:
+--set iterations=10 --set eval_every=5`: 91 s cold, 42-50 s with a warm cache (two pairs
+of runs) on the 2-core Intel VM, 2026-12-02), and a resumed run or a second evaluation
+compiles the same programs again. `caasl` and the experiment scripts therefore keep
+JAX's persistent cache on disk. Which folder, first match wins:
 
-1. `JAX_COMPILATION_CACHE_DIR`: JAX's own setting, untouched;
+1. `JAX_COMPILATION_CACHE_DIR`: JAX's own setting, left to JAX;
 2. `CAASL_COMPILE_CACHE`: a folder, or `off` for no cache;
 3. `$XDG_CACHE_HOME/caasl-jax/xla/<machine>` (default `~/.cache/...`).
 
@@ -46,18 +46,31 @@ def machine_tag(cpuinfo: str, machine: str, jaxlib_version: str) -> str:
     return f"{machine or 'unknown'}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
 
 
+def _expand_home(path: str, environ: Mapping[str, str]) -> Path | None:
+    """path with a leading ~ replaced by environ's HOME; None if it needs a HOME that
+    environ lacks."""
+    if path == "~" or path.startswith("~/"):
+        home = environ.get("HOME")
+        return Path(home + path[1:]) if home else None
+    return Path(path)
+
+
 def resolve_cache_dir(environ: Mapping[str, str], tag: str) -> Path | None:
-    """The folder the cache should use under `environ`, or None for no cache (`off`,
-    or JAX_COMPILATION_CACHE_DIR already set: JAX then applies it itself)."""
+    """The folder the cache should use under `environ` (read from it alone), or None
+    for no cache: `off`, no HOME to put it under, or JAX_COMPILATION_CACHE_DIR already
+    set (JAX then applies it itself)."""
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
     chosen = environ.get("CAASL_COMPILE_CACHE", "").strip()
     if chosen.lower() == OFF:
         return None
     if chosen:
-        return Path(chosen).expanduser()
-    base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
-    return Path(base).expanduser() / "caasl-jax" / "xla" / tag
+        return _expand_home(chosen, environ)
+    base = environ.get("XDG_CACHE_HOME") or (
+        str(Path(environ["HOME"]) / ".cache") if environ.get("HOME") else None
+    )
+    base_path = _expand_home(base, environ) if base else None
+    return base_path / "caasl-jax" / "xla" / tag if base_path else None
 
 
 def _this_machine_tag() -> str:
@@ -70,13 +83,14 @@ def _this_machine_tag() -> str:
     return machine_tag(cpuinfo, platform.machine(), jaxlib.__version__)
 
 
-def enable(environ: Mapping[str, str] | None = None) -> Path | None:
-    """Point JAX's persistent compilation cache at `resolve_cache_dir`'s folder; call
-    before anything compiles. Returns the folder, or None when this left JAX's
-    settings alone. An unusable folder is reported on stderr and skipped: the cache
-    only saves time, so it must never stop a run."""
-    environ = os.environ if environ is None else environ
-    folder = resolve_cache_dir(environ, _this_machine_tag())
+def enable() -> Path | None:
+    """Point JAX's persistent compilation cache at `resolve_cache_dir`'s folder, in
+    this process and (through JAX_COMPILATION_CACHE_DIR) in the processes it starts,
+    such as the likelihood baselines' workers; call before anything compiles. Returns
+    the folder, or None when this left JAX's settings alone. An unusable folder is
+    reported on stderr and skipped: the cache only saves time, so it must never stop
+    a run."""
+    folder = resolve_cache_dir(os.environ, _this_machine_tag())
     if folder is None:
         return None
     try:
@@ -87,4 +101,5 @@ def enable(environ: Mapping[str, str] | None = None) -> Path | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
     return folder

@@ -38,7 +38,11 @@ def test_machine_tag_separates_instruction_sets_and_jaxlib_versions():
         ({"HOME": "/home/u"}, "/home/u/.cache/caasl-jax/xla/TAG"),
         ({"HOME": "/home/u", "XDG_CACHE_HOME": "/c"}, "/c/caasl-jax/xla/TAG"),
         ({"HOME": "/home/u", "CAASL_COMPILE_CACHE": "/scratch/xla"}, "/scratch/xla"),
-        ({"HOME": "/home/u", "CAASL_COMPILE_CACHE": "~/x"}, str(Path("~/x").expanduser())),
+        ({"HOME": "/home/u", "CAASL_COMPILE_CACHE": "~/x"}, "/home/u/x"),
+        ({"HOME": "/home/u", "XDG_CACHE_HOME": "~/c"}, "/home/u/c/caasl-jax/xla/TAG"),
+        # no HOME in environ (not even the real one is consulted): no cache
+        ({}, None),
+        ({"CAASL_COMPILE_CACHE": "~/x"}, None),
         ({"HOME": "/home/u", "CAASL_COMPILE_CACHE": "off"}, None),
         ({"CAASL_COMPILE_CACHE": " OFF "}, None),
         # JAX's own variable wins, and JAX applies it itself
@@ -55,15 +59,19 @@ def test_every_cli_command_turns_the_cache_on_first(monkeypatch, capsys):
     monkeypatch.setattr(compile_cache, "enable", lambda: calls.append("enable"))
     assert cli.main(["envs", "--d", "3"]) == 0
     assert calls == ["enable"] and "linear-d3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # pretrain-reward parses its own arguments
+        cli.main(["pretrain-reward", "--help"])
+    assert calls == ["enable"] * 2
 
 
 ENABLE_AND_COMPILE = textwrap.dedent(
     """
-    import sys
+    import os
     from caasl_jax import compile_cache
     folder = compile_cache.enable()
     import jax, jax.numpy as jnp
     print("FOLDER", folder)
+    print("CHILDREN", os.environ.get("JAX_COMPILATION_CACHE_DIR"))
     print("SUM", float(jax.jit(lambda x: jnp.sin(x).sum())(jnp.arange(3.0))))
     """
 )
@@ -81,10 +89,12 @@ def test_enable_fills_the_chosen_folder_and_an_unusable_one_only_warns(tmp_path)
     folder = tmp_path / "cache"
     result = _run({"CAASL_COMPILE_CACHE": str(folder)})
     assert f"FOLDER {folder}" in result.stdout, result.stderr[-3000:]
+    assert f"CHILDREN {folder}" in result.stdout  # spawned workers share it
     assert any(folder.iterdir())  # the compiled program was written
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     result = _run({"CAASL_COMPILE_CACHE": str(blocked / "xla")})
     assert "FOLDER None" in result.stdout and "SUM 1.75" in result.stdout, result.stderr[-3000:]
+    assert "CHILDREN None" in result.stdout
     assert "compilation cache off" in result.stderr
     assert blocked.read_text() == "not a folder"
