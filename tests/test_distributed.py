@@ -30,8 +30,10 @@ TIMEOUT_S = 900
 
 # one process of a run: settings come from CAASL_* variables, read by train() itself.
 # "split": one host call, then a resume from the checkpoint to the end (in the same
-# process, so the compiled step is reused); "straight": uninterrupted. The score is the
-# test reward of test_train (no AVICI model) to keep compilation short on 2 cores.
+# process, so the compiled step is reused); "straight": uninterrupted, and then, with
+# the 4 devices it has, test_train's check that one sharded REDQ update equals the
+# same update on one device (a process of its own cost ~75 CPU-s on 2 cores). The score
+# is the test reward of test_train (no AVICI model) to keep compilation short.
 WORKER_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -40,7 +42,11 @@ WORKER_SCRIPT = textwrap.dedent(
     import numpy as np
 
     sys.path.insert(0, sys.argv[1])
-    from test_train import intervened_values_score, tiny_config_dict
+    from test_train import (
+        assert_sharded_update_matches_one_device,
+        intervened_values_score,
+        tiny_config_dict,
+    )
     from caasl_jax import train as train_lib
     from caasl_jax.config import TrainConfig, from_dict
 
@@ -54,6 +60,7 @@ WORKER_SCRIPT = textwrap.dedent(
         summary = run(resume=True)
     else:
         summary = run()
+        assert_sharded_update_matches_one_device(reward)
     state = summary["state"]
     assert jax.device_count() == 4, jax.devices()
     # every local copy of the replicated agent is the same; keep the first
