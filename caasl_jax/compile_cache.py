@@ -66,11 +66,8 @@ def resolve_cache_dir(environ: Mapping[str, str], tag: str) -> Path | None:
         return None
     if chosen:
         return _expand_home(chosen, environ)
-    base = environ.get("XDG_CACHE_HOME") or (
-        str(Path(environ["HOME"]) / ".cache") if environ.get("HOME") else None
-    )
-    base_path = _expand_home(base, environ) if base else None
-    return base_path / "caasl-jax" / "xla" / tag if base_path else None
+    base = _expand_home(environ.get("XDG_CACHE_HOME") or "~/.cache", environ)
+    return base / "caasl-jax" / "xla" / tag if base else None
 
 
 def _this_machine_tag() -> str:

@@ -267,60 +267,6 @@ def test_resume_refuses_another_device_count(tmp_path):
         run.check_resumable(1)
 
 
-def assert_sharded_update_matches_one_device(reward_path) -> None:
-    """One REDQ update of a global batch sharded over 4 devices == the same batch on 1.
-
-    Needs 4 devices, so test_distributed's single-process reference run (1 process x 4
-    CPU devices) calls it, saving a process of its own. Batch 24 = 6 per device: above
-    the CPU micro-batch of 4, so the chunked gradient accumulation (with a padded last
-    chunk) runs inside shard_map. Random transitions of the env's shapes: what a rollout
-    puts in them is test_distributed's and test_redq's business.
-    """
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    from caasl_jax.agents.redq import Transition
-    from caasl_jax.envs.core import History
-
-    assert len(jax.devices()) == 4, jax.devices()
-    config = from_dict(TrainConfig, {**tiny_config_dict(reward_path), "batch_size": 24})
-    trainer, _ = train_lib.make_trainer(config)
-    assert trainer.n_devices == 4
-    agent, env = trainer.agent, trainer.env
-    one = train_lib.make_trainer(config, devices=jax.devices()[:1])[0]
-    st = one.init_state()
-    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-    length = jax.random.randint(k1, (1, 24), env.n0, env.n_rows)
-    data = jax.random.normal(k2, (1, 24, env.n_rows, env.d, 2))
-
-    def history(n):
-        rows = (jnp.arange(env.n_rows) < n[..., None])[..., None, None]
-        return History(jnp.where(rows, data, 0.0), n)
-
-    batch = Transition(
-        obs=history(length),
-        action=jax.random.uniform(k3, (1, 24, env.action_dim), minval=-1, maxval=1),
-        reward=jax.random.normal(k1, (1, 24)),
-        next_obs=history(length + 1),
-        done=(length + 1 == env.n_rows).astype(jnp.float32),
-    )
-    key = jax.random.key(5)
-    single, _ = jax.jit(agent.update)(st.agent, batch, key)
-    batch_spec = jax.tree.map(lambda x: P(None, "data"), batch)
-    sharded_update = jax.shard_map(
-        lambda s, b, k: agent.update(s, b, k, axis_name="data"),
-        mesh=trainer.mesh,
-        in_specs=(P(), batch_spec, P()),
-        out_specs=P(),
-        check_vma=False,
-    )
-    replicated = jax.sharding.NamedSharding(trainer.mesh, P())
-    on_mesh = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
-    multi, _ = jax.jit(sharded_update)(on_mesh(st.agent), on_mesh(batch), on_mesh(key))
-    for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(multi), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5)
-
-
 def intervened_values_score(reward_params):
     """Score = sum of the values set by do-interventions (test reward).
 
