@@ -13,10 +13,16 @@ from caasl_jax.envs.registry import make_env
 from caasl_jax.reward.checkpoint import load_weights
 from caasl_jax.reward.pretrain import (
     DesignMix,
+    _config_from_args,
     bce_offdiag,
+    build_parser,
+    fresh_state,
     heldout_set,
     main,
+    make_optimizer,
+    make_train_chunk,
     random_action,
+    restore_checkpoint,
     sample_training_batch,
     single_target_action,
     spectral_radius,
@@ -93,12 +99,34 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
         main([*args, "--steps", "4", "--acyclicity", "5", "--eval-seed", "1"])
 
 
+def assert_resume_feeds_the_fresh_runs_program(argv, ckpt):
+    """The restored state lowers the training step to the same program as a fresh state
+    (an uncommitted fresh array and a committed restored one used to give two programs:
+    a resume compiled the step again and missed the compilation cache)."""
+    import orbax.checkpoint as ocp
+
+    args = build_parser().parse_args(argv)
+    env = make_env(args.env)
+    config = _config_from_args(args, args.env)
+    tx, _ = make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay)
+    mix = DesignMix(max_designs=env.budget, p_single=args.p_single, p_multi=args.p_multi)
+    chunk = make_train_chunk(env, config, tx, mix, args.batch, args.steps_per_call, 0.0)
+    params, opt_state = fresh_state(jax.random.key(0), config, env.d, tx)
+    with ocp.CheckpointManager(ckpt) as manager:
+        restored = restore_checkpoint(manager, 2, params, opt_state)
+    key = jax.random.key(1)
+    fresh_program = chunk.lower(params, opt_state, key).as_text()
+    resumed_program = chunk.lower(restored["params"], restored["opt_state"], key).as_text()
+    assert resumed_program == fresh_program
+
+
 def test_time_limit_checkpoints_where_it_stops_and_resume_logs_each_step_once(tmp_path):
     out = tmp_path / "run"
     args = ["--env", "linear-d3", "--out", str(out), *TINY, "--steps", "4", "--ckpt-every", "4"]
     # the limit is checked before each compiled call: one call (2 steps) runs
     assert main([*args, "--time-limit", "0.001"]) == 0
     assert sorted(p.name for p in (out / "ckpt").iterdir() if p.name.isdigit()) == ["2"]
+    assert_resume_feeds_the_fresh_runs_program(args, out / "ckpt")
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 4, "bce": 0.1}\n{"step": 6, "bc')  # rows after the checkpoint
     assert main(args) == 0

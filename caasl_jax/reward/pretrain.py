@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caasl_jax.cli import positive_int
 from caasl_jax.jsonl import keep_rows_up_to, to_line
@@ -202,14 +202,24 @@ def make_optimizer(lr: float, warmup: int, total: int, weight_decay: float, clip
     return tx, schedule
 
 
+def replicated_sharding() -> NamedSharding:
+    """The placement of the pretraining state: replicated over a 1-D "data" mesh of the
+    local devices. A fresh state is put there and a restored one comes back there, so
+    a resumed run compiles (or finds in the compilation cache) the same programs as a
+    fresh one; an uncommitted fresh array and a committed restored one lower to
+    different programs."""
+    return NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), PartitionSpec())
+
+
 def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, acyclicity: float):
     """chunk(params, opt_state, key) -> (params, opt_state, metrics) running `steps` steps.
 
     With several local devices it runs under shard_map (batch split over devices,
-    gradients pmean-ed); `batch` is the global batch size.
+    gradients pmean-ed); `batch` is the global batch size. Inputs and outputs are
+    placed by `replicated_sharding()`.
     """
-    devices = jax.local_devices()
-    n_dev = len(devices)
+    replicated = replicated_sharding()
+    n_dev = replicated.mesh.size
     if batch % n_dev:
         raise ValueError(f"batch {batch} must be divisible by the {n_dev} local devices")
     per_device = batch // n_dev
@@ -239,17 +249,40 @@ def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, ac
         return params, opt_state, jax.tree.map(jnp.mean, aux)
 
     if n_dev == 1:
-        return jax.jit(functools.partial(chunk, None), donate_argnums=(0, 1))
-    mesh = Mesh(np.array(devices), ("data",))
-    rep = PartitionSpec()
-    sharded = jax.shard_map(
-        functools.partial(chunk, "data"),
-        mesh=mesh,
-        in_specs=(rep, rep, rep),
-        out_specs=(rep, rep, rep),
-        check_vma=False,
-    )
-    return jax.jit(sharded, donate_argnums=(0, 1))
+        body = functools.partial(chunk, None)
+    else:
+        rep = PartitionSpec()
+        body = jax.shard_map(
+            functools.partial(chunk, "data"),
+            mesh=replicated.mesh,
+            in_specs=(rep, rep, rep),
+            out_specs=(rep, rep, rep),
+            check_vma=False,
+        )
+    return jax.jit(body, donate_argnums=(0, 1), in_shardings=replicated, out_shardings=replicated)
+
+
+def fresh_state(key: jax.Array, config: AviciConfig, d: int, tx) -> tuple:
+    """(params, opt_state) of a new run, placed by `replicated_sharding()`."""
+    params = init_params(key, config, d)
+    return jax.device_put((params, tx.init(params)), replicated_sharding())
+
+
+def restore_checkpoint(manager, step: int, params, opt_state) -> dict:
+    """Checkpoint `step` of an orbax manager: {"params", "opt_state", "elapsed", "best"}.
+
+    params and opt_state (a fresh state) give the structure and the placement, so the
+    restored state feeds the same compiled programs as a fresh one.
+    """
+    import orbax.checkpoint as ocp
+
+    target = {
+        "params": params,
+        "opt_state": opt_state,
+        "elapsed": np.zeros(()),
+        "best": np.zeros(()),
+    }
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
 def make_heldout_probs(config: AviciConfig, data: jax.Array, mask: jax.Array, chunk: int = 50):
@@ -519,8 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     tx, schedule = make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay)
     key = jax.random.key(args.seed)
     init_key, train_key = jax.random.split(key)
-    params = init_params(init_key, config, env.d)
-    opt_state = tx.init(params)
+    params, opt_state = fresh_state(init_key, config, env.d, tx)
     chunk = make_train_chunk(env, config, tx, mix, args.batch, args.steps_per_call, args.acyclicity)
     heldout = heldout_set(env, jax.random.key(args.eval_seed), args.eval_envs)
     evaluate = make_evaluator(config, heldout)
@@ -532,13 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     best, step, elapsed = -np.inf, 0, 0.0
     latest = manager.latest_step()
     if latest is not None:
-        target = {
-            "params": params,
-            "opt_state": opt_state,
-            "elapsed": np.zeros(()),
-            "best": np.zeros(()),
-        }
-        restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+        restored = restore_checkpoint(manager, latest, params, opt_state)
         params, opt_state = restored["params"], restored["opt_state"]
         elapsed, best = float(restored["elapsed"]), float(restored["best"])
         step = int(latest)
@@ -550,11 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         if latest is None:
             raise SystemExit(f"--export-latest: no checkpoint under {out / 'ckpt'}")
         metrics = evaluate(params)
-        meta = {"env": args.env, "env_overrides": env_overrides, "step": step,
-                "train_time_s": round(elapsed, 1), "heldout": metrics,
-                "eval_envs": args.eval_envs, "eval_seed": args.eval_seed,
-                "argv": json.loads((out / "run.json").read_text())["argv"],
-                "exported": "latest checkpoint"}
+        meta = {
+            "env": args.env,
+            "env_overrides": env_overrides,
+            "step": step,
+            "train_time_s": round(elapsed, 1),
+            "heldout": metrics,
+            "eval_envs": args.eval_envs,
+            "eval_seed": args.eval_seed,
+            "argv": json.loads((out / "run.json").read_text())["argv"],
+            "exported": "latest checkpoint",
+        }
         save_weights(args.export_latest, params, config, meta)
         print(json.dumps({"exported": str(args.export_latest), **meta}, indent=2))
         return 0
