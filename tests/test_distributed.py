@@ -236,10 +236,15 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
         jsonl(tmp_path / "ref/metrics.jsonl"),
     )
     assert [row["iteration"] for row in dist_metrics] == [1, 2, 3, 4]
+    # the tiny config warms up for one iteration
+    assert [row["updated"] for row in dist_metrics] == [0.0, 1.0, 1.0, 1.0]
     for a, b in zip(dist_metrics, ref_metrics, strict=True):
         np.testing.assert_allclose(a["return_mean"], b["return_mean"], rtol=1e-4)
-        assert a["updated"] == b["updated"] == 1.0
-        np.testing.assert_allclose(a["critic_loss"], b["critic_loss"], rtol=1e-3, atol=1e-5)
+        assert a["updated"] == b["updated"]
+        if a["updated"]:
+            np.testing.assert_allclose(a["critic_loss"], b["critic_loss"], rtol=1e-3, atol=1e-5)
+        else:  # no update: NaN metrics, which metrics.jsonl writes as null
+            assert a["critic_loss"] is b["critic_loss"] is None
     dist_eval, ref_eval = jsonl(tmp_path / "dist/eval.jsonl"), jsonl(tmp_path / "ref/eval.jsonl")
     assert [row["call"] for row in dist_eval] == [0, 1]
     for a, b in zip(dist_eval, ref_eval, strict=True):

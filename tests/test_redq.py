@@ -157,7 +157,7 @@ def test_design_policy_honours_act_with_dropout():
 def agent_and_state():
     agent = tiny_agent()
     one = make_batch(jax.random.key(0), ())
-    state = jax.jit(agent.init)(jax.random.key(1), one.obs, one.action)
+    state = agent.init(jax.random.key(1), one.obs, one.action)  # one compiled program
     return agent, state, jax.jit(agent.update)
 
 
@@ -266,7 +266,7 @@ def test_learns_one_step_bandit():
     data = jax.random.normal(jax.random.key(0), (4, d, 2)).at[..., 1].set(0.0)
     obs = History(data.at[3].set(0.0), jnp.asarray(3))
     nxt = History(data.at[3, :, 1].set(0.0), jnp.asarray(4))
-    state = jax.jit(agent.init)(jax.random.key(1), obs, jnp.zeros(2 * d))
+    state = agent.init(jax.random.key(1), obs, jnp.zeros(2 * d))
     batch_size = 32  # it learns within ~50 updates; 150 leave a margin
 
     def reward_of(action):
