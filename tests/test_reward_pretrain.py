@@ -22,6 +22,7 @@ from caasl_jax.reward.pretrain import (
     make_optimizer,
     make_train_chunk,
     random_action,
+    replicated_sharding,
     restore_checkpoint,
     sample_training_batch,
     single_target_action,
@@ -103,9 +104,8 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
 
 
 def assert_resume_feeds_the_fresh_runs_program(argv, ckpt):
-    """The restored state lowers the training step to the same program as a fresh state
-    (an uncommitted fresh array and a committed restored one used to give two programs:
-    a resume compiled the step again and missed the compilation cache)."""
+    """A fresh and a restored state sit on the step's own sharding and lower it to one
+    program (a resume used to compile the step again and miss the compilation cache)."""
     import orbax.checkpoint as ocp
 
     args = build_parser().parse_args(argv)
@@ -117,6 +117,8 @@ def assert_resume_feeds_the_fresh_runs_program(argv, ckpt):
     params, opt_state = fresh_state(jax.random.key(0), config, env.d, tx)
     with ocp.CheckpointManager(ckpt) as manager:
         restored = restore_checkpoint(manager, 2, params, opt_state)
+    for state in ((params, opt_state), (restored["params"], restored["opt_state"])):
+        assert all(x.sharding == replicated_sharding() for x in jax.tree.leaves(state))
     key = jax.random.key(1)
     fresh_program = chunk.lower(params, opt_state, key).as_text()
     resumed_program = chunk.lower(restored["params"], restored["opt_state"], key).as_text()

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from caasl_jax.cli import positive_int
 from caasl_jax.jsonl import keep_rows_up_to, to_line
@@ -203,12 +203,14 @@ def make_optimizer(lr: float, warmup: int, total: int, weight_decay: float, clip
 
 
 def replicated_sharding() -> NamedSharding:
-    """The placement of the pretraining state: replicated over a 1-D "data" mesh of the
-    local devices. A fresh state is put there and a restored one comes back there, so
-    a resumed run compiles (or finds in the compilation cache) the same programs as a
-    fresh one; an uncommitted fresh array and a committed restored one lower to
-    different programs."""
-    return NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), PartitionSpec())
+    """The placement of the pretraining state: replicated over the trainer's 1-D "data"
+    mesh of the local devices. The step is jitted with it, a fresh state is put there
+    and a restored one comes back there, so every call (fresh, resumed, or fed the
+    step's own outputs) finds the one compiled program; an uncommitted fresh state
+    after committed outputs used to compile the step a second time."""
+    from caasl_jax.train import make_mesh
+
+    return NamedSharding(make_mesh(jax.local_devices()), PartitionSpec())
 
 
 def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, acyclicity: float):
