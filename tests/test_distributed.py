@@ -121,9 +121,9 @@ def assert_sharded_update_matches_one_device(reward_path) -> None:
     )
     key = jax.random.key(5)
     single, _ = jax.jit(agent.update)(st.agent, batch, key)
-    batch_spec = jax.tree.map(lambda x: P(None, "data"), batch)
+    batch_spec = jax.tree.map(lambda x: P(None, train_lib.AXIS), batch)
     sharded_update = jax.shard_map(
-        lambda s, b, k: agent.update(s, b, k, axis_name="data"),
+        lambda s, b, k: agent.update(s, b, k, axis_name=train_lib.AXIS),
         mesh=trainer.mesh,
         in_specs=(P(), batch_spec, P()),
         out_specs=P(),

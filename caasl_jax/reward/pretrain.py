@@ -255,7 +255,7 @@ def make_train_chunk(env, config, tx, mix: DesignMix, batch: int, steps: int, ac
     else:
         rep = PartitionSpec()
         body = jax.shard_map(
-            functools.partial(chunk, "data"),
+            functools.partial(chunk, replicated.mesh.axis_names[0]),
             mesh=replicated.mesh,
             in_specs=(rep, rep, rep),
             out_specs=(rep, rep, rep),
