@@ -477,13 +477,20 @@ def restore_state(manager, trainer: Trainer, template: TrainState) -> tuple[Trai
 
 def _restore(manager, step: int, template, shardings):
     """Checkpoint `step` of `manager` as arrays shaped like `template`, placed by `shardings`."""
-    import orbax.checkpoint as ocp
-
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, shardings
     )
+    return restore_step(manager, step, abstract)
+
+
+def restore_step(manager, step: int, target):
+    """Checkpoint `step` of an orbax manager, restored into the structure, shapes and
+    placement of `target` (arrays or ShapeDtypeStructs). A damaged checkpoint raises a
+    ValueError that names it, instead of orbax's own exception."""
+    import orbax.checkpoint as ocp
+
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as error:  # orbax raises many types for a damaged checkpoint
         raise ValueError(
             f"checkpoint {step} under {manager.directory} is unreadable: {error}"

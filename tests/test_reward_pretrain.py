@@ -137,6 +137,14 @@ def test_time_limit_checkpoints_where_it_stops_and_resume_logs_each_step_once(tm
     assert main(args) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and "eval_auprc" in log[1]
+    # a damaged checkpoint is named, before any training, and the log is kept
+    logged = (out / "log.jsonl").read_text()
+    for f in (out / "ckpt" / "4").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checkpoint 4 under .* is unreadable"):
+        main(args)
+    assert (out / "log.jsonl").read_text() == logged
 
 
 def test_exports_never_replace_a_file_silently(tmp_path, capsys):

@@ -274,9 +274,10 @@ def restore_checkpoint(manager, step: int, params, opt_state) -> dict:
     """Checkpoint `step` of an orbax manager: {"params", "opt_state", "elapsed", "best"}.
 
     params and opt_state (a fresh state) give the structure and the placement, so the
-    restored state feeds the same compiled programs as a fresh one.
+    restored state feeds the same compiled programs as a fresh one. A damaged
+    checkpoint raises ValueError ("... is unreadable").
     """
-    import orbax.checkpoint as ocp
+    from caasl_jax.train import restore_step
 
     target = {
         "params": params,
@@ -284,7 +285,7 @@ def restore_checkpoint(manager, step: int, params, opt_state) -> dict:
         "elapsed": np.zeros(()),
         "best": np.zeros(()),
     }
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    return restore_step(manager, step, target)
 
 
 def make_heldout_probs(config: AviciConfig, data: jax.Array, mask: jax.Array, chunk: int = 50):
