@@ -21,9 +21,9 @@ from caasl_jax.envs import make_env
 
 
 def steps_fn(env, batch: int):
-    keys = jax.random.split(jax.random.key(0), batch)
-    params = jax.vmap(env.sample_params)(keys)
-    _, states = jax.vmap(env.reset)(keys, params)
+    param_keys, reset_keys = jax.random.split(jax.random.key(0), (2, batch))
+    params = jax.vmap(env.sample_params)(param_keys)
+    _, states = jax.vmap(env.reset)(reset_keys, params)
     actions = jax.random.uniform(jax.random.key(1), (batch, env.action_dim), minval=-1, maxval=1)
 
     def run(key):
@@ -40,9 +40,10 @@ def steps_fn(env, batch: int):
 
 def episode_fn(env, batch: int):
     def one(key):
-        params = env.sample_params(key)
+        params_key, rollout_key = jax.random.split(key)
+        params = env.sample_params(params_key)
         policy = lambda k, _: jax.random.uniform(k, (env.action_dim,), minval=-1, maxval=1)
-        history, _, rewards = env.rollout(key, params, policy)
+        history, _, rewards = env.rollout(rollout_key, params, policy)
         return history.data.sum() + rewards.sum()
 
     return jax.jit(lambda key: jax.vmap(one)(jax.random.split(key, batch)).sum())

@@ -6,7 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caasl_jax.envs import LinearSCMEnv, is_acyclic, make_env, sample_graph
+from caasl_jax.envs import (
+    LinearSCMEnv,
+    append_rows,
+    empty_history,
+    erdos_renyi_dag,
+    is_acyclic,
+    make_env,
+    sample_graph,
+    scale_free_dag,
+)
 from caasl_jax.envs.graphs import erdos_renyi_edge_prob, topological_depth
 
 D = 6
@@ -244,6 +253,13 @@ def test_registry_variants(name, field, value):
         ("linear-ood-hetero-d10", {"fourier_features": 0}, "fourier_features must be"),
         ("linear-ood-graph-d10", {"edges_per_node": 0.4}, "scale-free graphs attach"),
         ("sergio-ood-graph-d10", {"edges_per_node": 0.4}, "scale-free graphs attach"),
+        # settings from a config file arrive as strings; each error names the setting
+        ("linear-d10", {"edges_per_node": "3"}, "edges_per_node must be a finite number"),
+        ("linear-d10", {"weight_mean": float("nan")}, "weight_mean must be a finite number"),
+        ("linear-d10", {"n0": True}, "n0 must be an integer >= 1, got True"),
+        ("linear-d10", {"score_fn": 3}, "score_fn must be None or a callable"),
+        ("sergio-d10", {"dt": "0.01"}, "dt must be a finite number, got '0.01'"),
+        ("sergio-d10", {"basal_range": 5}, r"basal_range must be \(low, high\), got 5"),
     ],
 )
 def test_registry_rejects_bad_input(name, overrides, message):
@@ -256,3 +272,45 @@ def test_wrong_action_shape_is_rejected(env):
     _, state = env.reset(jax.random.key(1), params)
     with pytest.raises(ValueError, match=r"action must have shape \(12,\)"):
         env.step(jax.random.key(2), state, jnp.zeros(D), params)
+
+
+def test_numpy_integer_sizes_become_python_ints():
+    env = make_env("linear-d5", n0=np.int64(20), budget=np.int32(4))
+    assert type(env.n0) is int and type(env.budget) is int
+    assert env == make_env("linear-d5", n0=20, budget=4)
+    assert hash(env) == hash(make_env("linear-d5", n0=20, budget=4))
+
+
+def test_params_of_another_d_or_a_batch_are_named(env):
+    other = LinearSCMEnv(d=D - 1, n0=8, budget=3).sample_params(jax.random.key(0))
+    with pytest.raises(ValueError, match=rf"params.graph must have shape \({D}, {D}\)"):
+        env.reset(jax.random.key(1), other)
+    params = env.sample_params(jax.random.key(0))
+    _, state = env.reset(jax.random.key(1), params)
+    batch = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+    with pytest.raises(ValueError, match=r"got \(2, 6, 6\); .* a batch \(vmap over it\)"):
+        env.step(jax.random.key(2), state, jnp.zeros(2 * D), batch)
+    # a plain list is an action too
+    history, *_ = env.step(jax.random.key(2), state, [0.5] * (2 * D), params)
+    assert int(history.length) == 9
+
+
+def test_rows_that_do_not_fit_are_dropped():
+    h = append_rows(empty_history(3, 2), jnp.ones((2, 2)), jnp.zeros((2, 2)))
+    full = append_rows(h, 2 * jnp.ones((1, 2)), jnp.ones((1, 2)))
+    assert int(full.length) == 3
+    after = append_rows(full, 3 * jnp.ones((1, 2)), jnp.ones((1, 2)))
+    assert int(after.length) == 3
+    np.testing.assert_array_equal(after.data, full.data)
+    two = append_rows(h, 3 * jnp.ones((2, 2)), jnp.ones((2, 2)))  # only one row is free
+    assert int(two.length) == 2
+    np.testing.assert_array_equal(two.data, h.data)
+
+
+def test_a_one_node_graph_has_no_edges():
+    np.testing.assert_array_equal(erdos_renyi_dag(jax.random.key(0), 1), jnp.zeros((1, 1)))
+    # scale-free graphs count edges_per_node as sample_graph does: rounded
+    np.testing.assert_array_equal(
+        scale_free_dag(jax.random.key(0), 6, 1.6), sample_graph(jax.random.key(0), 6, "sf", 1.6)
+    )
+    assert float(scale_free_dag(jax.random.key(0), 6, 1.6).sum()) == 0 + 1 + 2 * 4

@@ -4,6 +4,7 @@ from caasl_jax.envs.core import Environment, EnvState, History, append_rows, emp
 from caasl_jax.envs.graphs import erdos_renyi_dag, is_acyclic, sample_graph, scale_free_dag
 from caasl_jax.envs.linear import LinearParams, LinearSCMEnv
 from caasl_jax.envs.registry import env_names, make_env
+from caasl_jax.envs.sergio import SergioEnv, SergioParams
 
 __all__ = [
     "EnvState",
@@ -11,6 +12,8 @@ __all__ = [
     "History",
     "LinearParams",
     "LinearSCMEnv",
+    "SergioEnv",
+    "SergioParams",
     "append_rows",
     "empty_history",
     "env_names",

@@ -4,9 +4,11 @@ An environment is a frozen (hashable) description of a prior over causal systems
 All randomness over systems lives in explicit hidden parameters, so batching is a
 `jax.vmap` over keys and params and resampling never recompiles:
 
-    params = env.sample_params(key)                         # hidden system θ
-    obs, state = env.reset(key, params)                     # n0 observational rows
-    obs, state, reward, done, info = env.step(key, state, action, params)
+    params = env.sample_params(param_key)                   # hidden system θ
+    obs, state = env.reset(reset_key, params)               # n0 observational rows
+    obs, state, reward, done, info = env.step(step_key, state, action, params)
+
+(a fresh key for each call: a step drawn with the reset's key repeats its noise).
 
 The observation is a `History`: a preallocated [N, d, 2] array (channel 0 the
 measured values, channel 1 the 0/1 intervention indicator) with N = n0 + T·k rows,
@@ -22,13 +24,18 @@ r_t = score(h_t) - score(h_{t-1}). Without a score function the reward is 0.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+from caasl_jax.checks import check_positive_int
 
 ScoreFn = Callable[["History", jax.Array], jax.Array]
 
@@ -67,19 +74,21 @@ def append_rows(
 ) -> History:
     """Write k new rows at position `length`. values, targets: f32[k, d].
 
-    With `enabled` False the history comes back unchanged. Only the k rows are
-    rewritten either way (no copy of the whole buffer), so inside a scan the update
-    happens in place.
+    With `enabled` False, or when the k rows do not fit (length + k > N), the history
+    comes back unchanged. Only the k rows are rewritten either way (no copy of the
+    whole buffer), so inside a scan the update happens in place.
     """
     k = values.shape[0]
-    if k > history.data.shape[0]:  # no room for k rows at all (budget 0): never enabled
+    n_rows = history.data.shape[0]
+    if k > n_rows:  # no room for k rows at all (budget 0): never enabled
         return history
+    enabled = jnp.logical_and(enabled, history.length + k <= n_rows)
     rows = jnp.stack([values, targets.astype(values.dtype)], axis=-1)
-    start = jnp.minimum(history.length, history.data.shape[0] - k)
+    start = jnp.minimum(history.length, n_rows - k)
     current = jax.lax.dynamic_slice_in_dim(history.data, start, k, axis=0)
     rows = jnp.where(enabled, rows, current)
     data = jax.lax.dynamic_update_slice_in_dim(history.data, rows, start, axis=0)
-    return History(data=data, length=history.length + k * jnp.asarray(enabled, jnp.int32))
+    return History(data=data, length=history.length + k * enabled.astype(jnp.int32))
 
 
 @struct.dataclass
@@ -127,6 +136,7 @@ class Environment:
 
     def reset(self, key: jax.Array, params: Any) -> tuple[History, EnvState]:
         """Draw n0 observational rows. Returns (history, state)."""
+        self.check_params(params)
         values = self._initial_rows(key, params)
         history = append_rows(empty_history(self.n_rows, self.d), values, jnp.zeros_like(values))
         state = EnvState(
@@ -140,7 +150,9 @@ class Environment:
         Returns (history, state, reward, done, info). Stepping past the budget is a
         no-op on the history (the rows would not fit) and gives reward 0.
         """
+        action = jnp.asarray(action)
         self.check_action(action)
+        self.check_params(params)
         values, targets = self._design_rows(key, action, params)
         in_budget = state.step < self.budget
         history = append_rows(state.history, values, targets, enabled=in_budget)
@@ -156,6 +168,15 @@ class Environment:
             raise ValueError(
                 f"{type(self).__name__}: action must have shape ({self.action_dim},) for "
                 f"d={self.d}, got {tuple(action.shape)}; vmap the step over a batch"
+            )
+
+    def check_params(self, params: Any) -> None:
+        """Hidden parameters of ONE system of this d: graph f32[d, d]."""
+        shape = tuple(jnp.shape(params.graph))
+        if shape != (self.d, self.d):
+            raise ValueError(
+                f"{type(self).__name__}: params.graph must have shape ({self.d}, {self.d}) "
+                f"for d={self.d}, got {shape}; params of another d, or a batch (vmap over it)"
             )
 
     def rollout(
@@ -182,23 +203,34 @@ class Environment:
         return history, actions, rewards
 
 
-def validate_sizes(name: str, d: int, n0: int, budget: int, samples_per_step: int) -> None:
-    """Raise ValueError naming the first bad size."""
-    checks = [
-        (isinstance(d, int) and d >= 2, f"d must be an integer >= 2, got {d!r}"),
-        (isinstance(n0, int) and n0 >= 1, f"n0 must be an integer >= 1, got {n0!r}"),
-        (
-            isinstance(budget, int) and budget >= 0,
-            f"budget must be an integer >= 0, got {budget!r}",
-        ),
-        (
-            isinstance(samples_per_step, int) and samples_per_step >= 1,
-            f"samples_per_step must be an integer >= 1, got {samples_per_step!r}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"{name}: {message}")
+def check_finite_numbers(env: Environment, fields: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first of `fields` that is not a finite real number
+    (a string from a config file, a bool, NaN or inf would only fail later, unnamed)."""
+    for field in fields:
+        value = getattr(env, field)
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (real and math.isfinite(value)):
+            raise ValueError(
+                f"{type(env).__name__}: {field} must be a finite number, got {value!r}"
+            )
+
+
+def validate_common(env: Environment) -> None:
+    """Raise ValueError naming the first bad size (d, n0, budget, samples_per_step) or
+    a score_fn that is not callable. NumPy integer sizes become Python ints, so sizes
+    taken from a NumPy sweep work and the environment stays a plain, hashable value."""
+    name = type(env).__name__
+    for field, minimum in (("d", 2), ("n0", 1), ("budget", 0), ("samples_per_step", 1)):
+        value = getattr(env, field)
+        if isinstance(value, np.integer):
+            value = int(value)
+            object.__setattr__(env, field, value)  # frozen: set once, while being built
+        check_positive_int(name, field, value, minimum)
+    if env.score_fn is not None and not callable(env.score_fn):
+        raise ValueError(
+            f"{name}: score_fn must be None or a callable (history, graph) -> scalar, "
+            f"got {env.score_fn!r}"
+        )
 
 
 def action_targets(action: jax.Array, d: int) -> jax.Array:

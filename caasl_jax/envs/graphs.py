@@ -14,7 +14,10 @@ GRAPH_KINDS = ("er", "sf")
 
 
 def erdos_renyi_edge_prob(d: int, edges_per_node: float) -> float:
-    """Edge probability giving `edges_per_node * d` expected edges (capped at 0.99)."""
+    """Edge probability giving `edges_per_node * d` expected edges (capped at 0.99;
+    0 for d < 2, which has no pairs)."""
+    if d < 2:
+        return 0.0
     return min(edges_per_node * d / (d * (d - 1) / 2), 0.99)
 
 
@@ -33,16 +36,17 @@ def erdos_renyi_dag(key: jax.Array, d: int, edges_per_node: float = 3.0) -> jax.
     return permute_graph(perm_key, edges.astype(jnp.float32))
 
 
-def scale_free_dag(key: jax.Array, d: int, edges_per_node: int = 3) -> jax.Array:
+def scale_free_dag(key: jax.Array, d: int, edges_per_node: float = 3) -> jax.Array:
     """Barabási–Albert DAG f32[d, d] with power-law in-degree.
 
-    Node t (in a hidden order) sends min(t, m) edges to distinct earlier nodes,
-    chosen with probability proportional to their degree + 1 (Gumbel top-k sampling
-    without replacement), so early hubs collect many parents' worth of in-edges.
+    Node t (in a hidden order) sends min(t, m) edges, m = round(edges_per_node), to
+    distinct earlier nodes, chosen with probability proportional to their degree + 1
+    (Gumbel top-k sampling without replacement), so early hubs collect many parents'
+    worth of in-edges.
     """
-    m = int(edges_per_node)
+    m = round(edges_per_node)
     if m < 1:
-        raise ValueError(f"scale-free graphs need edges_per_node >= 1, got {edges_per_node}")
+        raise ValueError(f"scale-free graphs need round(edges_per_node) >= 1, got {edges_per_node}")
     attach_key, perm_key = jax.random.split(key)
     k = min(m, d - 1)
 
@@ -84,7 +88,7 @@ def sample_graph(key: jax.Array, d: int, kind: str = "er", edges_per_node: float
     if kind == "er":
         return erdos_renyi_dag(key, d, edges_per_node)
     if kind == "sf":
-        return scale_free_dag(key, d, int(round(edges_per_node)))
+        return scale_free_dag(key, d, edges_per_node)
     raise ValueError(f"unknown graph prior {kind!r}; choose one of {GRAPH_KINDS}")
 
 

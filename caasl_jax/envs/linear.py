@@ -25,11 +25,27 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
+from caasl_jax.envs.core import (
+    Environment,
+    ScoreFn,
+    action_targets,
+    check_finite_numbers,
+    validate_common,
+)
 from caasl_jax.envs.graphs import graph_prior_problem, sample_graph
 
 NOISE_KINDS = ("gaussian", "gumbel")
 INTERVENTION_KINDS = ("do", "shift")
+# settings that must be finite real numbers (checked before the finer checks)
+_REAL_FIELDS = (
+    "edges_per_node",
+    "weight_mean",
+    "value_scale",
+    "fourier_length_scale",
+    "fourier_output_scale",
+    "noise_concentration",
+    "noise_rate",
+)
 
 
 @struct.dataclass
@@ -84,7 +100,8 @@ class LinearSCMEnv(Environment):
 
     def __post_init__(self):
         name = type(self).__name__
-        validate_sizes(name, self.d, self.n0, self.budget, self.samples_per_step)
+        validate_common(self)
+        check_finite_numbers(self, _REAL_FIELDS)
         graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
         if graph_problem:
             raise ValueError(f"{name}: {graph_problem}")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from caasl_jax.envs.core import Environment
 from caasl_jax.envs.linear import LinearSCMEnv
+from caasl_jax.envs.sergio import SERGIO_VARIANTS, SergioEnv
 
 LINEAR_VARIANTS: dict[str, dict] = {
     "": {},
@@ -41,14 +42,7 @@ _NAME = re.compile(r"^(?P<family>[a-z]+)(?:-(?P<variant>[a-z0-9-]+?))?-d(?P<d>-?
 
 
 def _families() -> dict[str, tuple[Callable[..., Environment], dict[str, dict]]]:
-    families = {"linear": (LinearSCMEnv, LINEAR_VARIANTS)}
-    try:
-        from caasl_jax.envs.sergio import SERGIO_VARIANTS, SergioEnv
-    except ImportError:  # pragma: no cover - only while SERGIO is absent
-        pass
-    else:
-        families["sergio"] = (SergioEnv, SERGIO_VARIANTS)
-    return families
+    return {"linear": (LinearSCMEnv, LINEAR_VARIANTS), "sergio": (SergioEnv, SERGIO_VARIANTS)}
 
 
 def env_names(d: int = 10) -> list[str]:

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import chex
 import jax
@@ -91,7 +92,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.scipy.special import ndtri
 
-from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_sizes
+from caasl_jax.envs.core import (
+    Environment,
+    ScoreFn,
+    action_targets,
+    check_finite_numbers,
+    validate_common,
+)
 from caasl_jax.envs.graphs import graph_prior_problem, sample_graph, topological_depth
 from caasl_jax.hash_random import hash_bits, split_words
 
@@ -387,6 +394,18 @@ def measure_counts(
 
 
 # --- the environment -------------------------------------------------------------------------
+# settings that must be finite real numbers (checked before the finer checks)
+_REAL_FIELDS = (
+    "edges_per_node",
+    "intervention_noise",
+    "sign_beta",
+    "hill",
+    "decay",
+    "noise_scale",
+    "dt",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class SergioEnv(Environment):
     """A prior over SERGIO gene-regulatory systems plus a knockout budget (module docstring)."""
@@ -416,10 +435,12 @@ class SergioEnv(Environment):
 
     def __post_init__(self):
         name = type(self).__name__
-        validate_sizes(name, self.d, self.n0, self.budget, self.samples_per_step)
+        validate_common(self)
+        check_finite_numbers(self, _REAL_FIELDS)
         for field in ("basal_range", "interaction_range"):  # lists from YAML stay hashable
             value = getattr(self, field)
-            if len(value) != 2:
+            pair = isinstance(value, (tuple, list)) and len(value) == 2
+            if not (pair and all(isinstance(v, numbers.Real) for v in value)):
                 raise ValueError(f"{name}: {field} must be (low, high), got {value!r}")
             object.__setattr__(self, field, (float(value[0]), float(value[1])))
         graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
