@@ -16,16 +16,24 @@ import sys
 from caasl_jax import compile_cache
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a zero count is a usage error, reported before
-    anything compiles)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """argparse type: an integer >= minimum (a bad count is a usage error, reported
+    before anything compiles)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            shown = repr(text) if value is None else value
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {shown}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def _train(args) -> int:
@@ -33,18 +41,23 @@ def _train(args) -> int:
     from caasl_jax.config import load_config
     from caasl_jax.train import RunDir, train
 
-    # before anything touches a device; flags win over the CAASL_* variables
-    distributed.initialize(
-        args.coordinator,
-        args.num_processes,
-        args.process_id,
-        args.local_devices,
-        auto=args.distributed_auto,
-    )
+    # the config is read (and a typo refused) before jax.distributed waits for the
+    # other processes; reading it touches no device
     if args.resume:
-        if args.config or args.set:
+        given = [
+            flag
+            for flag, value in (
+                ("--config", args.config),
+                ("--set", args.set),
+                ("--run-dir", args.run_dir),
+                ("--overwrite", args.overwrite),
+            )
+            if value
+        ]
+        if given:
             raise SystemExit(
-                "caasl train: --resume takes the run's own config; drop --config/--set"
+                f"caasl train: --resume continues the run in its own folder with its own "
+                f"config; drop {'/'.join(given)}"
             )
         run_dir = args.resume
         config = RunDir(run_dir).load_config()
@@ -55,6 +68,14 @@ def _train(args) -> int:
             )
         config = load_config(args.config, args.set)
         run_dir = args.run_dir or f"runs/{config.env}-seed{config.seed}"
+    # before anything touches a device; flags win over the CAASL_* variables
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        args.local_devices,
+        auto=args.distributed_auto,
+    )
     devices = None
     if args.devices:
         import jax
@@ -90,7 +111,7 @@ def _evaluate(args) -> int:
     from caasl_jax.evaluate import check_output_dir, evaluate_suite, write_results
     from caasl_jax.reward.pretrain import parse_env_overrides
 
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, args.checkpoint_dir)
     results, meta = evaluate_suite(
         args.env,
         [args.policy, *args.baselines],
@@ -133,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a design policy with REDQ")
     train.add_argument(
-        "--config", help="packaged config name (small, linear-d10, sergio-d10) or YAML file"
+        "--config",
+        help="packaged config name (small, linear-d10, sergio-d10, linear-d10-cpu, "
+        "sergio-d10-cpu) or YAML file",
     )
     train.add_argument(
         "--set",
@@ -149,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--devices", type=positive_int, help="use only the first N devices")
     train.add_argument(
-        "--max-calls", type=int, help="stop after this many host calls (for a quick look)"
+        "--max-calls",
+        type=positive_int,
+        help="stop after this many host calls (for a quick look)",
     )
     multi = train.add_argument_group(
         "multi-process (jax.distributed; see docs/distributed.md)",
@@ -179,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         required=True,
         help="run directory (its latest checkpoint), a run's best/ folder (its policy with "
-        "the best validation return), exported policy file (.msgpack), or a baseline name",
+        "the best validation return), an exported policy file (.msgpack), a shipped policy "
+        "(linear-d10, sergio-d10), or a baseline name (then --reward-model is needed)",
     )
     ev.add_argument(
         "--baselines",
@@ -201,12 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment setting for every --env (default: the policy run's)",
     )
-    ev.add_argument("--n-envs", type=positive_int, default=100)
+    ev.add_argument(
+        "--n-envs", type=positive_int, default=100, help="held-out environments per env name"
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--mode", choices=["stochastic", "deterministic"], default="stochastic")
     ev.add_argument("--reward-model", help="reward model (default: the policy run's)")
     ev.add_argument("--out", default="results/eval", help="output folder (JSON + CSV)")
-    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument(
+        "--overwrite", action="store_true", help="replace the results in an existing --out"
+    )
     ev.add_argument(
         "--workers",
         type=positive_int,
@@ -232,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export_policy)
 
     envs = sub.add_parser("envs", help="list the registered environments")
-    envs.add_argument("--d", type=int, default=10)
+    envs.add_argument("--d", type=int_at_least(2), default=10, help="number of variables")
     envs.set_defaults(func=_envs)
     return parser
 

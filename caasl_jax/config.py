@@ -195,9 +195,23 @@ def resolve_config_path(name_or_path: str) -> Path:
     return packaged
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping a YAML file holds ({} when empty); ValueError naming the file when it
+    is not YAML or holds something else than a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Load a TrainConfig from a packaged name or YAML path, then apply --set overrides."""
     path = resolve_config_path(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_mapping(path)
     data = apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data, where=f"config {path.name}")

@@ -575,8 +575,12 @@ def write_results(out: str | Path, results: dict, meta: dict) -> tuple[Path, Pat
     return json_path, csv_path
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    """Refuse to write into a non-empty folder unless told to (before any work)."""
+def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> None:
+    """Before any work: refuse an --out (or a --checkpoint-dir) that is a file, and a
+    non-empty --out unless told to overwrite."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    for option, path in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise FileExistsError(f"{option} {path} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

@@ -43,7 +43,7 @@ from caasl_jax import distributed
 from caasl_jax import replay as replay_lib
 from caasl_jax.agents.networks import CriticConfig, PolicyConfig
 from caasl_jax.agents.redq import REDQ, REDQState
-from caasl_jax.config import TrainConfig, from_dict, to_dict
+from caasl_jax.config import TrainConfig, from_dict, read_yaml_mapping, to_dict
 from caasl_jax.envs.core import Environment, empty_history
 from caasl_jax.envs.registry import make_env
 from caasl_jax.evaluate import agent_policy, heldout_params, random_policy, rollout_episodes
@@ -307,6 +307,11 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
     module-level function) replaces it; its reward_params are then empty.
     """
     env = make_env(config.env, **config.env_overrides)
+    if env.budget < 1:
+        raise ValueError(
+            f"config: training needs a budget of >= 1 design step per episode, got "
+            f"{env.budget} (env_overrides)"
+        )
     if score_builder is None:
         from caasl_jax.reward.checkpoint import load_reward_model
 
@@ -390,6 +395,8 @@ class RunDir:
     def check_new(self, overwrite: bool) -> None:
         """FileExistsError if the run dir exists and is not empty, unless overwrite is on
         and it is a run dir (has config.yaml): --overwrite never deletes other folders."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"run directory {self.path} is a file; choose another --run-dir")
         if not (self.path.exists() and any(self.path.iterdir())):
             return
         if not overwrite:
@@ -410,7 +417,13 @@ class RunDir:
         if not self.checkpoints.exists():
             raise FileNotFoundError(f"cannot resume {self.path}: it has no checkpoints/")
         if self.run_info.is_file():  # runs from before it was recorded are not checked
-            recorded = json.loads(self.run_info.read_text())["devices"]
+            try:
+                recorded = json.loads(self.run_info.read_text())["devices"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"cannot resume {self.path}: {self.run_info} is damaged ({error!r}); it "
+                    'should read {"devices": N}, the number of devices the run trained on'
+                ) from None
             if recorded != n_devices:
                 raise ValueError(
                     f"cannot resume {self.path} on {n_devices} devices: it was trained on "
@@ -430,7 +443,7 @@ class RunDir:
     def load_config(self) -> TrainConfig:
         if not self.config.is_file():
             raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml)")
-        return from_dict(TrainConfig, yaml.safe_load(self.config.read_text()), "run config")
+        return from_dict(TrainConfig, read_yaml_mapping(self.config), f"run config {self.config}")
 
 
 def _checkpoint_manager(run: RunDir, config: TrainConfig):
@@ -493,8 +506,15 @@ def restore_step(manager, step: int, target):
         return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as error:  # orbax raises many types for a damaged checkpoint
         raise ValueError(
-            f"checkpoint {step} under {manager.directory} is unreadable: {error}"
+            f"checkpoint {step} under {manager.directory} is unreadable, or was written "
+            f"for other settings (network sizes, env, devices): {_first_line(error)}"
         ) from error
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    """The start of an error's text (orbax's can run to pages of tensorstore specs)."""
+    text = (str(error).splitlines() or [repr(error)])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _to_python(metrics: dict) -> list[dict]:
@@ -528,9 +548,11 @@ def train(
     primary = distributed.is_primary()
     run = RunDir(run_dir)
     trainer, reward_params = make_trainer(config, devices, score_builder)  # fails fast
-    _prepare_run_dir(run, config, trainer.n_devices, resume=resume, overwrite=overwrite)
-
+    _check_run_dir(run, trainer.n_devices, resume=resume, overwrite=overwrite)
+    # before the run dir is created or replaced: a size the replay refuses must not
+    # cost the old run (--overwrite) or leave a half-made one behind
     state = trainer.init_state()
+    _create_run_dir(run, config, trainer.n_devices, resume=resume, overwrite=overwrite)
     manager = _checkpoint_manager(run, config)  # every process: each saves its shards
     best_manager = _best_manager(run)
     calls_done = 0
@@ -626,14 +648,10 @@ def train(
     }
 
 
-def _prepare_run_dir(
-    run: RunDir, config: TrainConfig, n_devices: int, *, resume: bool, overwrite: bool
-) -> None:
-    """Check the run dir on every process, then create it on process 0 only.
-
-    A refusal on any process is raised on all of them (none is left waiting at a
-    collective); the run dir must be on a filesystem every process sees.
-    """
+def _check_run_dir(run: RunDir, n_devices: int, *, resume: bool, overwrite: bool) -> None:
+    """Check the run dir on every process; a refusal on any process is raised on all of
+    them (none is left waiting at a collective). The run dir must be on a filesystem
+    every process sees."""
     error: Exception | None = None
     try:
         run.check_resumable(n_devices) if resume else run.check_new(overwrite)
@@ -641,6 +659,13 @@ def _prepare_run_dir(
         error = failure
     if not distributed.agree(error is None):
         raise error or FileExistsError(f"run directory {run.path}: refused on another process")
+
+
+def _create_run_dir(
+    run: RunDir, config: TrainConfig, n_devices: int, *, resume: bool, overwrite: bool
+) -> None:
+    """Create (or, with overwrite, replace) the checked run dir of a new run, on process
+    0 only; every process waits until it is there."""
     if not resume and distributed.is_primary():
         run.prepare_new(config, overwrite, n_devices)
     distributed.barrier("caasl-run-dir-ready")
@@ -701,18 +726,23 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest"):
     folder = run.checkpoints if checkpoint == "latest" else run.best
     if not folder.exists():
         raise FileNotFoundError(f"{run.path} has no {folder.name}/ to load a policy from")
-    if checkpoint == "best":
-        best_manager = _best_manager(run)
-        step = best_manager.best_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"{run.best} holds no policy yet: the run stopped before its first evaluation"
-            )
-    trainer, _ = make_trainer(config, devices=jax.local_devices()[:1])
-    template = trainer.init_state()
-    if checkpoint == "latest":
-        state, _ = restore_state(_checkpoint_manager(run, config), trainer, template)
-        return trainer.agent, state.agent.policy_params, config
-    policy_template = template.agent.policy_params
-    shardings = trainer.state_sharding(template).agent.policy_params
-    return trainer.agent, _restore(best_manager, step, policy_template, shardings), config
+    # closed on the way out, also when a restore fails
+    with (
+        _checkpoint_manager(run, config)
+        if checkpoint == "latest"
+        else _best_manager(run) as manager
+    ):
+        if checkpoint == "best":
+            step = manager.best_step()
+            if step is None:
+                raise FileNotFoundError(
+                    f"{run.best} holds no policy yet: the run stopped before its first evaluation"
+                )
+        trainer, _ = make_trainer(config, devices=jax.local_devices()[:1])
+        template = trainer.init_state()
+        if checkpoint == "latest":
+            state, _ = restore_state(manager, trainer, template)
+            return trainer.agent, state.agent.policy_params, config
+        policy_template = template.agent.policy_params
+        shardings = trainer.state_sharding(template).agent.policy_params
+        return trainer.agent, _restore(manager, step, policy_template, shardings), config

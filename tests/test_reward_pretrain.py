@@ -95,6 +95,12 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     _, _, latest_meta = load_weights(latest)
     assert latest_meta["step"] == 4 and "--export-latest" not in latest_meta["argv"]
     assert main(["--env", "linear-d3", "--evaluate-only", str(export), "--eval-envs", "4"]) == 0
+    # on resume, --export may update the run's own export, never another file
+    other = tmp_path / "other.msgpack"
+    other.write_text("keep")
+    with pytest.raises(SystemExit, match="other.msgpack: exists; pass --overwrite"):
+        main([*args[:4], "--export", str(other), *TINY, "--steps", "4"])
+    assert other.read_text() == "keep"
     # different settings refuse to mix runs
     with pytest.raises(SystemExit, match="different settings"):
         main([*args, "--steps", "6", "--lr", "0.5"])
@@ -158,6 +164,8 @@ def test_exports_never_replace_a_file_silently(tmp_path, capsys):
         main([*base, "--export", str(tmp_path / "no-such-folder" / "w.msgpack")])
     with pytest.raises(SystemExit, match="is a folder"):
         main([*base, "--export", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds no pretraining run"):
+        main([*base, "--export-latest", str(tmp_path / "new.msgpack")])
     assert existing.read_text() == "keep" and not (tmp_path / "run").exists()
 
 

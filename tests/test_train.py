@@ -192,6 +192,7 @@ def test_corrupt_checkpoint_gives_clear_error(tiny, tmp_path):
         ({"reward_model": "no-such-model"}, "unknown reward model"),
         ({"warmup_episodes": 65}, "warmup_episodes must be in 0 .. replay_episodes \\(64\\)"),
         ({"num_envs": True}, "num_envs: expected int, got True"),
+        ({"env_overrides": {"budget": 0}}, "training needs a budget of >= 1 design step"),
     ],
 )
 def test_bad_configs_fail_before_work(tiny, change, message):
@@ -200,7 +201,7 @@ def test_bad_configs_fail_before_work(tiny, change, message):
         train_lib.make_trainer(from_dict(TrainConfig, {**data, **change}))
 
 
-def test_packaged_configs_load_and_set_overrides():
+def test_packaged_configs_load_and_set_overrides(tmp_path):
     small = load_config("small", ["redq.gamma=0.5", "num_envs=16", "policy.hidden=[8, 8]"])
     assert small.redq.gamma == 0.5 and small.num_envs == 16 and small.policy.hidden == (8, 8)
     for name in ("linear-d10", "sergio-d10"):
@@ -209,6 +210,11 @@ def test_packaged_configs_load_and_set_overrides():
         assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
     with pytest.raises(ValueError, match="unknown config 'nope'"):
         load_config("nope")
+    for text, message in (("a: [1", "is not valid YAML"), ("- 1\n- 2", "must hold a mapping")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"bad.yaml {message}"):
+            load_config(str(bad))
     # the small default's reward model ships with the package
     trainer, _ = train_lib.make_trainer(load_config("small"))
     assert trainer.env.d == 5 and trainer.env.n_rows == 25
@@ -254,6 +260,30 @@ def test_cli_refuses_bad_counts_before_any_work(tmp_path, capsys):
     assert cli_main(["export-policy", "linear-d10", str(tmp_path), "--overwrite"]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []
+    # a config typo is named before jax.distributed waits for the other processes
+    multi = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"]
+    assert cli_main(["train", "--config", "small", "--set", "iteratons=2", *multi]) == 2
+    assert "unknown key(s) 'iteratons'" in capsys.readouterr().err
+    # a resumed run keeps its folder and config
+    with pytest.raises(SystemExit, match="drop --run-dir/--overwrite"):
+        cli_main(["train", "--resume", "runs/x", "--run-dir", "runs/y", "--overwrite"])
+    for argv, message in (
+        (["train", "--config", "small", "--max-calls", "0"], "--max-calls: expected an integer"),
+        (["envs", "--d", "1"], "--d: expected an integer >= 2, got 1"),
+    ):
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        assert message in capsys.readouterr().err
+    # evaluate checks its output paths before any rollout, --overwrite or not
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    common = ["evaluate", "--policy", "linear-d10", "--env", "linear-d10", "--overwrite"]
+    assert cli_main([*common, "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert cli_main([*common, "--out", str(out), "--checkpoint-dir", str(afile)]) == 2
+    assert f"--checkpoint-dir {afile} is a file" in capsys.readouterr().err
+    assert afile.read_text() == "keep" and not out.exists()
 
 
 def test_resume_refuses_another_device_count(tmp_path):
@@ -263,6 +293,11 @@ def test_resume_refuses_another_device_count(tmp_path):
     run.check_resumable(2)
     with pytest.raises(ValueError, match="it was trained on 2 .* resume it on 2 devices"):
         run.check_resumable(1)
+    run.run_info.write_text("{")
+    with pytest.raises(ValueError, match="run.json is damaged"):
+        run.check_resumable(2)
+    with pytest.raises(FileExistsError, match="is a file"):
+        train_lib.RunDir(run.run_info).check_new(overwrite=True)
 
 
 def intervened_values_score(reward_params):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import filecmp
 import functools
 import json
 import shutil
@@ -428,14 +429,16 @@ def _config_from_args(args, env_name: str) -> AviciConfig:
     )
 
 
-def _export_target_problem(target: str | None, overwrite: bool, ours: bool) -> str | None:
-    """Why weights cannot be written to `target` (None if they can). ours: the file may
-    be this run's own earlier export (a resumed run), which it keeps updating."""
+def _export_target_problem(target: str | None, overwrite: bool, own: Path | None) -> str | None:
+    """Why weights cannot be written to `target` (None if they can). own: the run's
+    best.msgpack when the target may be its earlier --export (a copy of it, which a
+    resumed run keeps updating); any other existing file needs overwrite."""
     if target is None:
         return None
     path = Path(target)
     if path.is_dir():
         return "is a folder; give a file path"
+    ours = own is not None and own.is_file() and path.is_file() and filecmp.cmp(path, own, False)
     if path.exists() and not (overwrite or ours):
         return "exists; pass --overwrite to replace it"
     if not path.parent.is_dir():
@@ -527,9 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/reward-{args.env}").resolve()
     resuming = (out / "run.json").exists()
     for option, target in (("--export", args.export), ("--export-latest", args.export_latest)):
-        problem = _export_target_problem(target, args.overwrite, resuming and option == "--export")
+        own = out / "best.msgpack" if option == "--export" else None
+        problem = _export_target_problem(target, args.overwrite, own)
         if problem:
             raise SystemExit(f"{option} {target}: {problem}")
+    if args.export_latest and not resuming:  # before anything is written under out
+        raise SystemExit(f"--export-latest: {out} holds no pretraining run")
     out.mkdir(parents=True, exist_ok=True)
     run = {
         "env": args.env,
