@@ -279,6 +279,16 @@ def test_numpy_integer_sizes_become_python_ints():
     assert type(env.n0) is int and type(env.budget) is int
     assert env == make_env("linear-d5", n0=20, budget=4)
     assert hash(env) == hash(make_env("linear-d5", n0=20, budget=4))
+    ranges = make_env("sergio-d5", basal_range=np.array([1, 2]), interaction_range=[1, 4])
+    assert ranges.basal_range == (1.0, 2.0) and ranges.interaction_range == (1.0, 4.0)
+
+
+def test_a_prior_setting_can_be_traced():
+    def weights(mean):
+        env = LinearSCMEnv(d=4, weight_mean=mean, edges_per_node=1.0)
+        return env.sample_params(jax.random.key(0)).weights
+
+    assert jax.vmap(weights)(jnp.array([0.0, 0.5])).shape == (2, 4, 4)
 
 
 def test_params_of_another_d_or_a_batch_are_named(env):

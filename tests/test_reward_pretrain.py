@@ -101,6 +101,8 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     with pytest.raises(SystemExit, match="other.msgpack: exists; pass --overwrite"):
         main([*args[:4], "--export", str(other), *TINY, "--steps", "4"])
     assert other.read_text() == "keep"
+    with pytest.raises(SystemExit, match="is the run's own best.msgpack"):
+        main([*args[:4], "--export", str(out / "best.msgpack"), *TINY, "--steps", "4"])
     # different settings refuse to mix runs
     with pytest.raises(SystemExit, match="different settings"):
         main([*args, "--steps", "6", "--lr", "0.5"])

@@ -205,9 +205,12 @@ class Environment:
 
 def check_finite_numbers(env: Environment, fields: tuple[str, ...]) -> None:
     """Raise ValueError naming the first of `fields` that is not a finite real number
-    (a string from a config file, a bool, NaN or inf would only fail later, unnamed)."""
+    (a string from a config file, a bool, NaN or inf would only fail later, unnamed).
+    JAX arrays pass unchecked: a setting may be traced (vmap over a prior setting)."""
     for field in fields:
         value = getattr(env, field)
+        if isinstance(value, jax.Array):
+            continue
         real = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if not (real and math.isfinite(value)):
             raise ValueError(

@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import chex
 import jax
@@ -439,10 +438,11 @@ class SergioEnv(Environment):
         check_finite_numbers(self, _REAL_FIELDS)
         for field in ("basal_range", "interaction_range"):  # lists from YAML stay hashable
             value = getattr(self, field)
-            pair = isinstance(value, (tuple, list)) and len(value) == 2
-            if not (pair and all(isinstance(v, numbers.Real) for v in value)):
-                raise ValueError(f"{name}: {field} must be (low, high), got {value!r}")
-            object.__setattr__(self, field, (float(value[0]), float(value[1])))
+            try:
+                low, high = (float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: {field} must be (low, high), got {value!r}") from None
+            object.__setattr__(self, field, (low, high))
         graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
         if graph_problem:
             raise ValueError(f"{name}: {graph_problem}")

@@ -438,6 +438,8 @@ def _export_target_problem(target: str | None, overwrite: bool, own: Path | None
     path = Path(target)
     if path.is_dir():
         return "is a folder; give a file path"
+    if own is not None and path.resolve() == own.resolve():
+        return "is the run's own best.msgpack; give another path"
     ours = own is not None and own.is_file() and path.is_file() and filecmp.cmp(path, own, False)
     if path.exists() and not (overwrite or ours):
         return "exists; pass --overwrite to replace it"
