@@ -28,6 +28,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -314,8 +315,17 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
         )
     if score_builder is None:
         from caasl_jax.reward.checkpoint import load_reward_model
+        from caasl_jax.reward.standardize import standardization_for_env
 
         reward_params, reward_config = load_reward_model(config.reward_model)
+        expected = standardization_for_env(config.env)
+        if reward_config.standardization != expected:
+            warnings.warn(
+                f"reward model {config.reward_model!r} reads its input as "
+                f"{reward_config.standardization!r}, but {config.env!r} data call for "
+                f"{expected!r}: was it trained for another environment family?",
+                stacklevel=2,
+            )
         score_builder = AviciScore(reward_config)
     else:
         reward_params = {}

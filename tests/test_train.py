@@ -201,6 +201,15 @@ def test_bad_configs_fail_before_work(tiny, change, message):
         train_lib.make_trainer(from_dict(TrainConfig, {**data, **change}))
 
 
+def test_a_reward_model_for_another_env_family_is_flagged(tiny):
+    _, data, _ = tiny
+    config = from_dict(
+        TrainConfig, {**data, "env": "sergio-d5", "reward_model": "linear-sparse-d5"}
+    )
+    with pytest.warns(UserWarning, match="'zscore', but 'sergio-d5' data call for 'log2_cpm'"):
+        train_lib.make_trainer(config)
+
+
 def test_packaged_configs_load_and_set_overrides(tmp_path):
     small = load_config("small", ["redq.gamma=0.5", "num_envs=16", "policy.hidden=[8, 8]"])
     assert small.redq.gamma == 0.5 and small.num_envs == 16 and small.policy.hidden == (8, 8)

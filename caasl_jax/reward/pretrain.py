@@ -55,6 +55,7 @@ from caasl_jax.jsonl import keep_rows_up_to, to_line
 from caasl_jax.metrics import batch_metrics
 from caasl_jax.reward.checkpoint import save_weights
 from caasl_jax.reward.model import AviciConfig, edge_logits, edge_probs, init_params, param_count
+from caasl_jax.reward.standardize import standardization_for_env
 
 
 # --------------------------------------------------------------------------- data
@@ -417,7 +418,7 @@ def evaluate_weights(
 def _config_from_args(args, env_name: str) -> AviciConfig:
     std = args.standardization
     if std == "auto":
-        std = "log2_cpm" if env_name.startswith("sergio") else "zscore"
+        std = standardization_for_env(env_name)
     return AviciConfig(
         dim=args.dim,
         layers=args.layers,

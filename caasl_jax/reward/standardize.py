@@ -85,6 +85,12 @@ def log2_cpm(data: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
 STANDARDIZERS = {"zscore": zscore, "log2_cpm": log2_cpm}
 
 
+def standardization_for_env(env_name: str) -> str:
+    """The standardisation AVICI uses for an environment's data: log2_cpm for SERGIO's
+    counts, zscore for real values."""
+    return "log2_cpm" if env_name.startswith("sergio") else "zscore"
+
+
 def standardize(data: jnp.ndarray, mask: jnp.ndarray | None, kind: str) -> jnp.ndarray:
     """Dispatch on `kind` in STANDARDIZERS ("zscore" or "log2_cpm"; "none" = identity)."""
     if kind == "none":
