@@ -104,6 +104,13 @@ def _train(args) -> int:
             f"CAASL {e['eval_return']:.3f} ± {e['eval_return_se']:.3f}, "
             f"random {e['eval_random_return']:.3f} ± {e['eval_random_return_se']:.3f}"
         )
+    if summary["best_eval"]:
+        b = summary["best_eval"]
+        print(
+            f"best validation return: CAASL {b['eval_return']:.3f} at iteration "
+            f"{b['iteration']}, kept in {summary['run_dir']}/best/ (what caasl evaluate "
+            "and export-policy load from best/)"
+        )
     return 0
 
 

@@ -650,10 +650,15 @@ def train(
 
         plot_training_curves(run.metrics, run.evals, run.plot)
     distributed.barrier("caasl-train-done")  # the plot exists when train() returns anywhere
+    best_step = best_manager.best_step()
     return {
         "run_dir": str(run.path),
         "calls_done": last_call,
         "last_eval": eval_row,
+        # the policy in best/: its validation return and the iteration it was saved at
+        "best_eval": None
+        if best_step is None
+        else {"eval_return": best_return, "iteration": best_step * config.iterations_per_call},
         "state": state,
     }
 

@@ -1,6 +1,7 @@
 """The fused training step, the host loop, checkpoints and resume, configs and the CLI."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -110,9 +111,13 @@ def test_best_holds_the_policy_with_the_best_validation_return(tiny, tmp_path):
     _, data, _ = tiny
     config = from_dict(TrainConfig, {**data, "iterations": 8})  # 4 evaluations
     run = tmp_path / "run"
-    train_lib.train(config, run, progress=False)
+    summary = train_lib.train(config, run, progress=False)
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     best_row = max(evals, key=lambda row: row["eval_return"])
+    assert summary["best_eval"] == {
+        "eval_return": best_row["eval_return"],
+        "iteration": best_row["iteration"],
+    }
     manager = train_lib._best_manager(train_lib.RunDir(run))
     running_max = np.maximum.accumulate([row["eval_return"] for row in evals])
     improved = [
@@ -246,7 +251,9 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys, monkeypatch):
     run = tmp_path / "cli-run"
     args = ["train", "--config", str(config_file), "--run-dir", str(run), "--max-calls", "1"]
     assert cli_main(args) == 0
-    assert "validation return" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation return (last evaluation)" in out
+    assert re.search(r"best validation return: CAASL -?[0-9.]+ at iteration 2, kept in", out)
     assert cli_main(args) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text()) == {"devices": 1}
