@@ -741,12 +741,8 @@ def load_trained_policy(run_dir: str | Path, checkpoint: str = "latest"):
     folder = run.checkpoints if checkpoint == "latest" else run.best
     if not folder.exists():
         raise FileNotFoundError(f"{run.path} has no {folder.name}/ to load a policy from")
-    # closed on the way out, also when a restore fails
-    with (
-        _checkpoint_manager(run, config)
-        if checkpoint == "latest"
-        else _best_manager(run) as manager
-    ):
+    manager = _checkpoint_manager(run, config) if checkpoint == "latest" else _best_manager(run)
+    with manager:  # closed on the way out, also when a restore fails
         if checkpoint == "best":
             step = manager.best_step()
             if step is None:

@@ -218,10 +218,11 @@ def check_finite_numbers(env: Environment, fields: tuple[str, ...]) -> None:
             )
 
 
-def validate_common(env: Environment) -> None:
-    """Raise ValueError naming the first bad size (d, n0, budget, samples_per_step) or
-    a score_fn that is not callable. NumPy integer sizes become Python ints, so sizes
-    taken from a NumPy sweep work and the environment stays a plain, hashable value."""
+def validate_common(env: Environment, real_fields: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first bad size (d, n0, budget, samples_per_step), the
+    first of `real_fields` that is not a finite number, or a score_fn that is not
+    callable. NumPy integer sizes become Python ints, so sizes taken from a NumPy sweep
+    work and the environment stays a plain, hashable value."""
     name = type(env).__name__
     for field, minimum in (("d", 2), ("n0", 1), ("budget", 0), ("samples_per_step", 1)):
         value = getattr(env, field)
@@ -229,6 +230,7 @@ def validate_common(env: Environment) -> None:
             value = int(value)
             object.__setattr__(env, field, value)  # frozen: set once, while being built
         check_positive_int(name, field, value, minimum)
+    check_finite_numbers(env, real_fields)
     if env.score_fn is not None and not callable(env.score_fn):
         raise ValueError(
             f"{name}: score_fn must be None or a callable (history, graph) -> scalar, "

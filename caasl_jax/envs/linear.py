@@ -25,13 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from caasl_jax.envs.core import (
-    Environment,
-    ScoreFn,
-    action_targets,
-    check_finite_numbers,
-    validate_common,
-)
+from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_common
 from caasl_jax.envs.graphs import graph_prior_problem, sample_graph
 
 NOISE_KINDS = ("gaussian", "gumbel")
@@ -100,8 +94,7 @@ class LinearSCMEnv(Environment):
 
     def __post_init__(self):
         name = type(self).__name__
-        validate_common(self)
-        check_finite_numbers(self, _REAL_FIELDS)
+        validate_common(self, _REAL_FIELDS)
         graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
         if graph_problem:
             raise ValueError(f"{name}: {graph_problem}")

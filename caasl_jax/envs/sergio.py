@@ -91,13 +91,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.scipy.special import ndtri
 
-from caasl_jax.envs.core import (
-    Environment,
-    ScoreFn,
-    action_targets,
-    check_finite_numbers,
-    validate_common,
-)
+from caasl_jax.envs.core import Environment, ScoreFn, action_targets, validate_common
 from caasl_jax.envs.graphs import graph_prior_problem, sample_graph, topological_depth
 from caasl_jax.hash_random import hash_bits, split_words
 
@@ -434,8 +428,7 @@ class SergioEnv(Environment):
 
     def __post_init__(self):
         name = type(self).__name__
-        validate_common(self)
-        check_finite_numbers(self, _REAL_FIELDS)
+        validate_common(self, _REAL_FIELDS)
         for field in ("basal_range", "interaction_range"):  # lists from YAML stay hashable
             value = getattr(self, field)
             try:
