@@ -95,6 +95,11 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     _, _, latest_meta = load_weights(latest)
     assert latest_meta["step"] == 4 and "--export-latest" not in latest_meta["argv"]
     assert main(["--env", "linear-d3", "--evaluate-only", str(export), "--eval-envs", "4"]) == 0
+    # a run killed after writing a new best.msgpack but before updating its --export
+    # (which then holds an earlier best) still resumes with that --export
+    export.write_bytes(latest.read_bytes())
+    assert main([*args, "--steps", "4"]) == 0
+    assert not list(tmp_path.glob(".*partial"))
     # on resume, --export may update the run's own export, never another file
     other = tmp_path / "other.msgpack"
     other.write_text("keep")

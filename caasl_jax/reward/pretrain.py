@@ -26,7 +26,9 @@ Held-out evaluation every --eval-every steps on --eval-envs fixed systems (seede
 do-interventions; reports the mean expected correct entries (of d^2, diagonal
 included), AUPRC, expected SHD, SHD, edge F1 and AUROC. The best parameters by
 expected correct entries are written to <out>/best.msgpack (load with
-`caasl_jax.reward.checkpoint.load_weights`), and copied to --export if given.
+`caasl_jax.reward.checkpoint.load_weights`), and copied to --export if given (in
+one rename; <out>/export-path.txt names that file, which the run may then replace
+when it resumes; any other existing file needs --overwrite).
 
 Orbax checkpoints every --ckpt-every steps under <out>/ckpt; rerunning the same
 command resumes from the latest one (the config must match; see <out>/run.json).
@@ -365,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--export", default=None, help="also copy the best weights to this path")
+    p.add_argument(
+        "--export",
+        default=None,
+        help="also copy the best weights to this path (a resumed run keeps updating the "
+        "file it exported to)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -430,23 +437,49 @@ def _config_from_args(args, env_name: str) -> AviciConfig:
     )
 
 
-def _export_target_problem(target: str | None, overwrite: bool, own: Path | None) -> str | None:
-    """Why weights cannot be written to `target` (None if they can). own: the run's
-    best.msgpack when the target may be its earlier --export (a copy of it, which a
-    resumed run keeps updating); any other existing file needs overwrite."""
+EXPORT_RECORD = "export-path.txt"  # under --out: the file this run's --export updates
+
+
+def _export_target_problem(target: str | None, overwrite: bool, out: Path | None) -> str | None:
+    """Why weights cannot be written to `target` (None if they can). out: the run's
+    folder when the target may be its earlier --export, which a resumed run keeps
+    updating (`_is_own_export`); any other existing file needs overwrite."""
     if target is None:
         return None
     path = Path(target)
     if path.is_dir():
         return "is a folder; give a file path"
-    if own is not None and path.resolve() == own.resolve():
+    if out is not None and path.resolve() == (out / "best.msgpack").resolve():
         return "is the run's own best.msgpack; give another path"
-    ours = own is not None and own.is_file() and path.is_file() and filecmp.cmp(path, own, False)
+    ours = out is not None and _is_own_export(path, out)
     if path.exists() and not (overwrite or ours):
         return "exists; pass --overwrite to replace it"
     if not path.parent.is_dir():
         return f"folder {path.parent} does not exist"
     return None
+
+
+def _is_own_export(path: Path, out: Path) -> bool:
+    """Whether the file at `path` is this run's --export: the path the run recorded when
+    it last exported, or (runs from before that record) a copy of its best.msgpack."""
+    if not path.is_file():
+        return False
+    record = out / EXPORT_RECORD
+    if record.is_file() and record.read_text().strip() == str(path.resolve()):
+        return True
+    best = out / "best.msgpack"
+    return best.is_file() and filecmp.cmp(path, best, False)
+
+
+def _export_copy(best: Path, target: str, out: Path) -> None:
+    """Copy best.msgpack to the --export path, recording that path first and replacing
+    the file in one rename: a run killed at any point leaves the old or the new weights
+    there, and its resume still knows the file as its own."""
+    target = Path(target).resolve()
+    (out / EXPORT_RECORD).write_text(f"{target}\n")
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(best, partial)
+    partial.replace(target)
 
 
 def _check_run_file(out: Path, run: dict) -> None:
@@ -533,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/reward-{args.env}").resolve()
     resuming = (out / "run.json").exists()
     for option, target in (("--export", args.export), ("--export-latest", args.export_latest)):
-        own = out / "best.msgpack" if option == "--export" else None
-        problem = _export_target_problem(target, args.overwrite, own)
+        run_dir = out if option == "--export" else None
+        problem = _export_target_problem(target, args.overwrite, run_dir)
         if problem:
             raise SystemExit(f"{option} {target}: {problem}")
     if args.export_latest and not resuming:  # before anything is written under out
@@ -646,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 save_weights(best_path, params, config, meta)
                 if args.export:
-                    shutil.copyfile(best_path, args.export)
+                    _export_copy(best_path, args.export, out)
             record["best_expected_correct"] = best
             with open(log_path, "a") as f:
                 f.write(to_line(record))
