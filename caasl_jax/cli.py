@@ -11,9 +11,11 @@ caasl envs [--d 10]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from caasl_jax import compile_cache
+from caasl_jax.checks import CheckpointError
 
 
 def int_at_least(minimum: int):
@@ -275,6 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `caasl` command; returns its exit status (2: bad input, printed as one
+    line naming the problem)."""
+    return _run_command(argv)[0]
+
+
+def console_main() -> None:
+    """Entry point of the `caasl` command: `main`, then exit with its status.
+
+    After a damaged checkpoint the process ends at once (`os._exit`, streams flushed):
+    tensorstore's reads that orbax left in flight complete afterwards and print
+    "RuntimeError: Event loop is closed" tracebacks, one per array, from native threads
+    that no Python hook sees; they buried the one-line error. Nothing is being written
+    at that point (every command restores before it trains or writes results).
+    """
+    status, error = _run_command(None)
+    if isinstance(error, CheckpointError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def _run_command(argv: list[str] | None) -> tuple[int, Exception | None]:
+    """(exit status, the bad-input error reported, if any) of one command."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pretrain-reward"]:
         from caasl_jax.reward.pretrain import main as pretrain_main
@@ -285,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         command, run = args.command, lambda: args.func(args)
     compile_cache.enable()
     try:
-        return run()
+        return run(), None
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"caasl {command}: error: {error}", file=sys.stderr)
-        return 2
+        return 2, error
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

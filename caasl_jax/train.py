@@ -44,6 +44,7 @@ from caasl_jax import distributed
 from caasl_jax import replay as replay_lib
 from caasl_jax.agents.networks import CriticConfig, PolicyConfig
 from caasl_jax.agents.redq import REDQ, REDQState
+from caasl_jax.checks import CheckpointError
 from caasl_jax.config import TrainConfig, from_dict, read_yaml_mapping, to_dict
 from caasl_jax.envs.core import Environment, empty_history
 from caasl_jax.envs.registry import make_env
@@ -481,7 +482,13 @@ def _best_manager(run: RunDir):
         create=True,
         enable_async_checkpointing=False,
     )
-    return ocp.CheckpointManager(run.best.absolute(), options=options)
+    try:  # it reads every saved policy's metrics to know the best one
+        return ocp.CheckpointManager(run.best.absolute(), options=options)
+    except Exception as error:  # orbax raises many types for damaged files
+        raise CheckpointError(
+            f"{run.best} is damaged (orbax cannot read its checkpoints' metrics): "
+            f"{_first_line(error)}"
+        ) from error
 
 
 def best_eval_return(best_manager) -> float:
@@ -509,13 +516,13 @@ def _restore(manager, step: int, template, shardings):
 def restore_step(manager, step: int, target):
     """Checkpoint `step` of an orbax manager, restored into the structure, shapes and
     placement of `target` (arrays or ShapeDtypeStructs). A damaged checkpoint raises a
-    ValueError that names it, instead of orbax's own exception."""
+    CheckpointError that names it, instead of orbax's own exception."""
     import orbax.checkpoint as ocp
 
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as error:  # orbax raises many types for a damaged checkpoint
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {step} under {manager.directory} is unreadable, or was written "
             f"for other settings (network sizes, env, devices): {_first_line(error)}"
         ) from error

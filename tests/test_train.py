@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from caasl_jax import train as train_lib
+from caasl_jax.checks import CheckpointError
 from caasl_jax.cli import main as cli_main
 from caasl_jax.config import TrainConfig, from_dict, load_config, to_dict
 
@@ -181,8 +184,23 @@ def test_corrupt_checkpoint_gives_clear_error(tiny, tmp_path):
     for f in (run / "checkpoints").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="unreadable"):
         train_lib.train(config, run, resume=True, progress=False)
+    # the command prints that one line: no "Event loop is closed" tracebacks of the
+    # reads orbax left in flight (one per array, from tensorstore's threads)
+    command = [sys.executable, "-m", "caasl_jax.cli", "export-policy", str(run), "p.msgpack"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+    last_line = done.stderr.strip().splitlines()[-1]  # after orbax's own log lines
+    assert last_line.startswith("caasl export-policy: error: checkpoint 1 under ")
+    assert not (tmp_path / "p.msgpack").exists()
+    # damaged metrics in best/ are named too (orbax reads them all to find the best)
+    for f in (run / "best").rglob("*"):
+        if f.is_file() and "metrics" in f.relative_to(run / "best").parts:
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="best is damaged"):
+        train_lib.load_trained_policy(run, "best")
 
 
 @pytest.mark.parametrize(
