@@ -36,7 +36,8 @@ from caasl_jax import evaluate as ev
 from caasl_jax.agents import Policy, paper_configs, sample_action
 from caasl_jax.baselines import LIKELIHOOD_BASELINES, diffcbed, posterior, ss_finite
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, particles_from_numpy
-from caasl_jax.cli import positive_int
+from caasl_jax.baselines.runner import check_supported
+from caasl_jax.cli import int_at_least, positive_int
 from caasl_jax.envs import make_env
 from caasl_jax.envs.core import History
 
@@ -139,12 +140,20 @@ def main(argv=None):
     parser.add_argument("--env", nargs="+", default=["linear-d10"])
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--n-particles", type=positive_int, default=30)
-    parser.add_argument("--e2e-envs", type=int, default=2, help="0 skips the end-to-end run")
+    parser.add_argument(
+        "--e2e-envs", type=int_at_least(0), default=2, help="0 skips the end-to-end run"
+    )
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    envs = {}
+    for name in args.env:  # every env checked before the first (minutes-long) measurement
+        try:
+            envs[name] = make_env(name)
+            check_supported(envs[name])
+        except ValueError as error:
+            parser.error(str(error))
     result = {"machine": machine_info(), "load_before": load(), "envs": {}}
-    for name in args.env:
-        env = make_env(name)
+    for name, env in envs.items():
         figures = {
             "caasl_forward": caasl_forward(env, args.repeats),
             "after_step_0": per_step_figures(env, 0, args.repeats, args.n_particles),

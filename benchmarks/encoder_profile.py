@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import emit, machine_info, profile_kernels, time_call
 from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import int_at_least, positive_int
 
 N_ROWS, D, WIDTH = 60, 10, 32
 
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--histories", type=positive_int, default=4)
     parser.add_argument("--repeats", type=positive_int, default=30)
-    parser.add_argument("--kernels", type=int, default=0, help="top kernels to profile")
+    parser.add_argument("--kernels", type=int_at_least(0), default=0, help="top kernels to profile")
     args = parser.parse_args(argv)
     b, key = args.histories, jax.random.key(0)
     data = jax.random.normal(key, (b, N_ROWS, D, 2))

@@ -27,6 +27,7 @@ import sys
 import time
 
 from benchmarks.common import machine_info, time_call
+from caasl_jax.checks import file_path_problem
 from caasl_jax.cli import positive_int
 from caasl_jax.jsonl import to_line
 
@@ -168,6 +169,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", help="also append each measurement to this JSON-lines file")
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    problem = args.rows and file_path_problem(args.rows)
+    if problem:  # before the first measurement
+        parser.error(f"--rows {args.rows} {problem}")
     uneven = [n for n in args.devices if args.device_batch % n]
     if uneven:
         parser.error(f"--device-batch {args.device_batch} does not split over {uneven} devices")

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from caasl_jax.checks import file_path_problem
+
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 STAMPS_FILE = RESULTS_DIR / "measured_at.json"
@@ -555,6 +557,9 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="re-measure only these")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args(argv)
+    problem = file_path_problem(args.out)
+    if problem:  # before the measurements, which take up to half an hour
+        parser.error(f"--out {args.out} {problem}")
     if not args.from_json:
         for name in args.only or BENCHMARKS:
             run_benchmark(name)

@@ -131,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--devices", type=positive_int, nargs="+", default=[1])
     parser.add_argument("--calls", type=positive_int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--reward-size", choices=["shipped", "official", "tiny"], default="shipped")
     parser.add_argument("--devices-here", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from caasl_jax.checks import check_positive_int
 from caasl_jax.envs.core import Environment, History
 
 Policy = Callable[[jax.Array, History], jax.Array]
@@ -477,6 +478,7 @@ def evaluate_suite(
 
     if mode not in POLICY_MODES:
         raise ValueError(f"unknown policy mode {mode!r}; choose one of {POLICY_MODES}")
+    check_positive_int("evaluate_suite", "n_envs", n_envs)
     slow = likelihood_baselines()
     designs = list(dict.fromkeys(designs))
     trained = [name for name in designs if name not in BASELINES and name not in slow]
@@ -576,11 +578,15 @@ def write_results(out: str | Path, results: dict, meta: dict) -> tuple[Path, Pat
 
 
 def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> None:
-    """Before any work: refuse an --out (or a --checkpoint-dir) that is a file, and a
-    non-empty --out unless told to overwrite."""
+    """Before any work: refuse an --out (or a --checkpoint-dir) that is a file or lies
+    under one, and a non-empty --out unless told to overwrite."""
     out = Path(out)
     for option, path in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
-        if path is not None and Path(path).exists() and not Path(path).is_dir():
-            raise FileExistsError(f"{option} {path} is a file; give a folder")
+        if path is None:
+            continue
+        existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+        if not existing.is_dir():
+            under = "" if existing == Path(path) else f" (under {existing}, a file)"
+            raise FileExistsError(f"{option} {path} is a file{under}; give a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

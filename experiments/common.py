@@ -7,8 +7,10 @@ override the config (e.g. `--policy runs/my-run --n-envs 20`).
 
 The likelihood baselines (DiffCBED, SS Finite) take hours on 100 environments: they
 save their progress to results/<name>/baseline-progress/ after every design step, and
-rerunning the same command resumes there (the folder goes once results.json is
-written; `--overwrite` starts afresh).
+rerunning the same command, --overwrite included, resumes there (the folder goes once
+results.json is written; `--restart` discards it and starts afresh).
+
+Run as scripts (`figure_main`), bad input ends in a one-line error and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from caasl_jax import compile_cache
+from caasl_jax.checks import check_positive_int
+from caasl_jax.cli import positive_int
+from caasl_jax.plots import METRIC_LABELS
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
@@ -58,7 +64,15 @@ def load_figure_config(name: str) -> FigureConfig:
         raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(fields)}")
     for key in ("envs", "baselines", "metrics"):
         if key in data:
+            if not isinstance(data[key], list) or not all(isinstance(v, str) for v in data[key]):
+                raise ValueError(f"{path}: {key} must be a list of names, got {data[key]!r}")
             data[key] = tuple(data[key])
+    check_positive_int(str(path), "n_envs", data.get("n_envs", 1))
+    unknown_metrics = sorted(set(data.get("metrics", ())) - set(METRIC_LABELS))
+    if unknown_metrics:
+        raise ValueError(
+            f"{path}: unknown metrics {unknown_metrics}; known: {sorted(METRIC_LABELS)}"
+        )
     return FigureConfig(**data)
 
 
@@ -80,13 +94,19 @@ def parse_args(name: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--policy", help="trained policy: run dir, policy file or shipped name")
     parser.add_argument("--baselines", nargs="*", help="replace the config's baselines")
     parser.add_argument(
-        "--n-envs", type=int, help="held-out environments per env (default: the config's n_envs)"
+        "--n-envs",
+        type=positive_int,
+        help="held-out environments per env (default: the config's n_envs)",
     )
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", help=f"output folder (default experiments/results/{name})")
     parser.add_argument(
         "--overwrite", action="store_true",
-        help="replace existing results and discard saved baseline progress",
+        help="replace existing results (saved baseline progress is still resumed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="discard saved baseline progress and run the design loops afresh",
     )  # fmt: skip
     parser.add_argument(
         "--replot", action="store_true", help="only redraw the plot and table from results.json"
@@ -144,7 +164,7 @@ def _check_progress_is_this_runs(saved: list[Path], config) -> None:
         raise ValueError(
             f"{saved[0].parent} holds baseline progress of another run ({', '.join(foreign)});"
             " rerun with that run's --baselines and environments to resume it, choose another"
-            " --out, or pass --overwrite to discard it"
+            " --out, or pass --restart to discard it"
         )
 
 
@@ -168,7 +188,7 @@ def run_figure(name: str, argv=None) -> dict:
         print(write_figure(name, out, results, config))
         return results
     progress = out / PROGRESS_DIR
-    if args.overwrite:
+    if args.restart:
         discard_progress(progress)
     saved = progress_files(progress)
     _check_progress_is_this_runs(saved, config)
@@ -199,3 +219,14 @@ def run_figure(name: str, argv=None) -> dict:
     print(f"wrote {out}/ (results.json, results.csv, {name}.png, table.md) in "
           f"{meta['wall_time_s']:.0f} s")  # fmt: skip
     return results
+
+
+def figure_main(name: str, argv=None) -> int:
+    """`run_figure` for a script: bad input (and an unwritable --out) is one line on
+    stderr and exit status 2 instead of a traceback."""
+    try:
+        run_figure(name, argv)
+    except (ValueError, OSError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

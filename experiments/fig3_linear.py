@@ -7,7 +7,7 @@ Settings: experiments/configs/fig3_linear.yaml; output: experiments/results/fig3
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":
-    run_figure("fig3_linear", sys.argv[1:])
+    sys.exit(figure_main("fig3_linear", sys.argv[1:]))

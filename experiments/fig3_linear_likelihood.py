@@ -8,7 +8,7 @@ experiments/results/fig3_linear_likelihood/.
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":  # the GIES refits run in spawned worker processes
-    run_figure("fig3_linear_likelihood", sys.argv[1:])
+    sys.exit(figure_main("fig3_linear_likelihood", sys.argv[1:]))

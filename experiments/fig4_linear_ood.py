@@ -7,7 +7,7 @@ Settings: experiments/configs/fig4_linear_ood.yaml; output: experiments/results/
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":
-    run_figure("fig4_linear_ood", sys.argv[1:])
+    sys.exit(figure_main("fig4_linear_ood", sys.argv[1:]))

@@ -10,7 +10,7 @@ experiments/results/fig4_linear_ood_likelihood/.
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":  # the GIES refits run in spawned worker processes
-    run_figure("fig4_linear_ood_likelihood", sys.argv[1:])
+    sys.exit(figure_main("fig4_linear_ood_likelihood", sys.argv[1:]))

@@ -7,7 +7,7 @@ Settings: experiments/configs/fig5_linear_dims.yaml; output: experiments/results
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":
-    run_figure("fig5_linear_dims", sys.argv[1:])
+    sys.exit(figure_main("fig5_linear_dims", sys.argv[1:]))

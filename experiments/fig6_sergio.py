@@ -7,7 +7,7 @@ Settings: experiments/configs/fig6_sergio.yaml; output: experiments/results/fig6
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":
-    run_figure("fig6_sergio", sys.argv[1:])
+    sys.exit(figure_main("fig6_sergio", sys.argv[1:]))

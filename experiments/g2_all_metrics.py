@@ -7,7 +7,7 @@ Settings: experiments/configs/g2_all_metrics.yaml; output: experiments/results/g
 
 import sys
 
-from common import run_figure
+from common import figure_main
 
 if __name__ == "__main__":
-    run_figure("g2_all_metrics", sys.argv[1:])
+    sys.exit(figure_main("g2_all_metrics", sys.argv[1:]))

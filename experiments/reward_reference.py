@@ -30,6 +30,7 @@ import numpy as np
 
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, use_fast_gies
 from caasl_jax.baselines.runner import check_supported
+from caasl_jax.checks import file_path_problem
 from caasl_jax.envs.core import History
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward import load_reward_model
@@ -91,6 +92,9 @@ def main(argv=None) -> int:
     if args.n_envs < 1 or args.particles < 1:
         p.error("--n-envs and --particles must be at least 1")
     out = args.out or RESULTS / f"{args.env}.json"
+    problem = file_path_problem(out, create_folders=True)
+    if problem:
+        p.error(f"--out {out} {problem}")
     if out.exists() and not args.overwrite:
         p.error(f"{out} exists; pass --overwrite to replace it")
     try:

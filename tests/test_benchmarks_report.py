@@ -166,6 +166,7 @@ def test_measurement_times_come_from_the_stamps_file(tmp_path, monkeypatch):
         (["--act-histories", "0"], "--act-histories: expected an integer >= 1, got 0"),
         (["--batch-sizes", "32", "x"], "expected an integer >= 1, got 'x'"),
         (["--device-batch", "30", "--devices", "1", "4"], "does not split over [4] devices"),
+        (["--rows", "."], "--rows . is a folder; give a file path"),
     ],
 )
 def test_grad_step_rejects_bad_sizes_before_starting_any_measurement(argv, message, capsys):
@@ -175,3 +176,14 @@ def test_grad_step_rejects_bad_sizes_before_starting_any_measurement(argv, messa
         grad_step.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_report_checks_its_output_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "run_benchmark", lambda name: pytest.fail("measured"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out, message in ((tmp_path, "is a folder"), (afile / "R.md", "which is a file")):
+        with pytest.raises(SystemExit):
+            report.main(["--only", "replay", "--out", str(out)])
+        assert message in capsys.readouterr().err
+    assert afile.read_text() == "keep"

@@ -92,6 +92,42 @@ def test_progress_of_another_run_is_refused_not_discarded(tmp_path):
     assert saved.read_bytes() == b"hours of GIES refits"
 
 
+def test_overwrite_resumes_progress_and_only_restart_discards_it(tmp_path):
+    out = tmp_path / "fig3"
+    (out / common.PROGRESS_DIR).mkdir(parents=True)
+    saved = out / common.PROGRESS_DIR / "linear-d10--diffcbed.msgpack"
+    saved.write_bytes(b"hours of GIES refits")
+    # --overwrite (needed to replace earlier results) used to discard the progress too,
+    # so rerunning an interrupted "--overwrite" command lost it; now it resumes it
+    argv = ["--out", str(out), "--baselines", "random", "--overwrite"]
+    with pytest.raises(ValueError, match="pass --restart to discard it"):
+        common.run_figure("fig3_linear_likelihood", argv)
+    assert saved.read_bytes() == b"hours of GIES refits"
+    with pytest.raises(ValueError, match="design 'no-such-design'"):
+        common.run_figure(
+            "fig3_linear_likelihood",
+            ["--out", str(out), "--baselines", "no-such-design", "--restart"],
+        )
+    assert not saved.exists()
+
+
+def test_figure_scripts_refuse_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+    assert common.figure_main("no_such_figure", []) == 2
+    assert capsys.readouterr().err.startswith("no_such_figure: error: no experiment config")
+    with pytest.raises(SystemExit):
+        common.parse_args("fig3_linear", ["--n-envs", "0"])
+    assert "--n-envs: expected an integer >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(common, "CONFIGS", tmp_path)
+    for body, message in (
+        ("title: t\nenvs: [linear-d10]\nbaselines: random\n", "baselines must be a list"),
+        ("title: t\nenvs: [linear-d10]\nn_envs: '2'\n", "n_envs must be an integer >= 1"),
+        ("title: t\nenvs: [linear-d10]\nmetrics: [return, shdd]\n", "unknown metrics ['shdd']"),
+    ):
+        (tmp_path / "bad.yaml").write_text(body)
+        assert common.figure_main("bad", []) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, capsys):
     import reward_reference
 
@@ -116,3 +152,7 @@ def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, ca
     with pytest.raises(SystemExit):
         reward_reference.main(["--env", "sergio-d10", "--out", str(tmp_path / "x.json")])
     assert "the GIES posterior: needs a likelihood" in capsys.readouterr().err
+    for bad_out, message in ((tmp_path, "is a folder"), (out / "x.json", "which is a file")):
+        with pytest.raises(SystemExit):  # before the GIES fits
+            reward_reference.main([*argv[:-2], "--out", str(bad_out), "--overwrite"])
+        assert message in capsys.readouterr().err

@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from caasl_jax.checks import file_path_problem
 from caasl_jax.cli import positive_int
 from caasl_jax.jsonl import keep_rows_up_to, to_line
 from caasl_jax.metrics import batch_metrics
@@ -447,15 +448,14 @@ def _export_target_problem(target: str | None, overwrite: bool, out: Path | None
     if target is None:
         return None
     path = Path(target)
-    if path.is_dir():
-        return "is a folder; give a file path"
+    problem = file_path_problem(path)
+    if problem:
+        return problem
     if out is not None and path.resolve() == (out / "best.msgpack").resolve():
         return "is the run's own best.msgpack; give another path"
     ours = out is not None and _is_own_export(path, out)
     if path.exists() and not (overwrite or ours):
         return "exists; pass --overwrite to replace it"
-    if not path.parent.is_dir():
-        return f"folder {path.parent} does not exist"
     return None
 
 
