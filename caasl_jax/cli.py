@@ -11,11 +11,25 @@ caasl envs [--d 10]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 from caasl_jax import compile_cache
 from caasl_jax.checks import CheckpointError
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, unless it has none (None,
+    an empty list, an off flag) or the text already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        no_default = default is None or default is False or default in ([], argparse.SUPPRESS)
+        if no_default or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def int_at_least(minimum: int):
@@ -85,6 +99,7 @@ def _train(args) -> int:
         if args.devices > jax.device_count():
             raise ValueError(
                 f"--devices {args.devices}: only {jax.device_count()} devices are available"
+                " (on a CPU, --local-devices N splits it into N devices)"
             )
         devices = jax.devices()[: args.devices]
     summary = train(
@@ -160,8 +175,9 @@ def _envs(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caasl", description="CAASL in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_command = functools.partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
 
-    train = sub.add_parser("train", help="train a design policy with REDQ")
+    train = add_command("train", help="train a design policy with REDQ")
     train.add_argument(
         "--config",
         help="packaged config name (small, linear-d10, sergio-d10, linear-d10-cpu, "
@@ -203,12 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    pretrain = sub.add_parser(
+    pretrain = add_command(
         "pretrain-reward", help="pretrain the AVICI reward model", add_help=False
     )
     pretrain.set_defaults(func=None)
 
-    ev = sub.add_parser("evaluate", help="evaluate a trained policy and baselines per step")
+    ev = add_command("evaluate", help="evaluate a trained policy and baselines per step")
     ev.add_argument(
         "--policy",
         required=True,
@@ -239,10 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--n-envs", type=positive_int, default=100, help="held-out environments per env name"
     )
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the held-out test environments and of the rollouts",
+    )
     ev.add_argument("--mode", choices=["stochastic", "deterministic"], default="stochastic")
     ev.add_argument("--reward-model", help="reward model (default: the policy run's)")
-    ev.add_argument("--out", default="results/eval", help="output folder (JSON + CSV)")
+    ev.add_argument(
+        "--out",
+        default="results/eval",
+        help="output folder (results.json, results.csv, returns.png)",
+    )
     ev.add_argument(
         "--overwrite", action="store_true", help="replace the results in an existing --out"
     )
@@ -260,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)
 
-    export = sub.add_parser(
+    export = add_command(
         "export-policy", help="write a run's policy (config + parameters) to one small file"
     )
     export.add_argument(
@@ -270,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_export_policy)
 
-    envs = sub.add_parser("envs", help="list the registered environments")
+    envs = add_command("envs", help="list the registered environments")
     envs.add_argument("--d", type=int_at_least(2), default=10, help="number of variables")
     envs.set_defaults(func=_envs)
     return parser

@@ -4,7 +4,7 @@ A config file is YAML whose keys mirror `TrainConfig`; unknown keys (typos) rais
 ValueError naming the key and the known ones before anything runs. `--set a.b=v`
 overrides any field, the value parsed as YAML (`--set redq.gamma=0.95`).
 Packaged configs (caasl_jax/configs/*.yaml) are addressed by name: `small`,
-`linear-d10`, `sergio-d10`.
+`linear-d10`, `sergio-d10` and their CPU-sized variants `linear-d10-cpu`, `sergio-d10-cpu`.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ class TrainConfig:
     runs `updates_per_iteration` REDQ updates (each utd critic steps + 1 policy step).
     Every `eval_every` calls the policy is rolled out on `eval_envs` validation
     environments (disjoint from the test environments of `caasl evaluate`); the policy
-    with the best validation return is kept in the run's best/ folder.
+    with the best validation return is kept in the run's best/ folder. reward_model: a
+    shipped name, a weights file, or "auto": the shipped weights named like `env`.
     """
 
-    env: str = "linear-d5"
+    env: str = "linear-sparse-d5"
     env_overrides: dict = dataclasses.field(default_factory=dict)
-    reward_model: str = "linear-d5"
+    reward_model: str = "auto"
     seed: int = 0
     iterations: int = 100
     iterations_per_call: int = 5
@@ -105,6 +106,23 @@ class TrainConfig:
     @property
     def host_calls(self) -> int:
         return self.iterations // self.iterations_per_call
+
+    @property
+    def reward_model_name(self) -> str:
+        """The reward model to load: `reward_model`, with "auto" resolved to the shipped
+        weights named like `env` (ValueError when there are none)."""
+        if self.reward_model != "auto":
+            return self.reward_model
+        from caasl_jax.reward.checkpoint import available_pretrained
+
+        shipped = available_pretrained()
+        if self.env not in shipped:
+            raise ValueError(
+                f"config: reward_model 'auto' needs shipped weights named like env "
+                f"{self.env!r}, and there are none (shipped: {', '.join(shipped)}); set "
+                "reward_model to one of those or to a weights file"
+            )
+        return self.env
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -500,9 +500,12 @@ def evaluate_suite(
         for name, env in envs.items():
             if action_kind(env) != agent.policy_config.action_kind:
                 raise ValueError(f"the policy in {trained[0]} cannot act on {name} (action layout)")
-    reward_name = reward_model or (policy_config.reward_model if policy_config else None)
+    reward_name = reward_model or (policy_config.reward_model_name if policy_config else None)
     if reward_name is None:
-        raise ValueError("a reward model is required when no trained policy is evaluated")
+        raise ValueError(
+            "a reward model is required when no trained policy is evaluated (--reward-model: "
+            "a shipped name or a weights file)"
+        )
     reward_params, reward_config = load_reward_model(reward_name)
 
     skipped = not_applicable(envs, [name for name in designs if name in slow])

@@ -304,7 +304,7 @@ class Trainer:
 def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple[Trainer, Any]:
     """(Trainer, reward_params replicated on the mesh); validates everything before any work.
 
-    By default the reward is the AVICI model named by `config.reward_model`. A custom
+    By default the reward is the AVICI model `config.reward_model_name`. A custom
     `score_builder(reward_params) -> score_fn(history, graph)` (hashable, e.g. a
     module-level function) replaces it; its reward_params are then empty.
     """
@@ -318,11 +318,11 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
         from caasl_jax.reward.checkpoint import load_reward_model
         from caasl_jax.reward.standardize import standardization_for_env
 
-        reward_params, reward_config = load_reward_model(config.reward_model)
+        reward_params, reward_config = load_reward_model(config.reward_model_name)
         expected = standardization_for_env(config.env)
         if reward_config.standardization != expected:
             warnings.warn(
-                f"reward model {config.reward_model!r} reads its input as "
+                f"reward model {config.reward_model_name!r} reads its input as "
                 f"{reward_config.standardization!r}, but {config.env!r} data call for "
                 f"{expected!r}: was it trained for another environment family?",
                 stacklevel=2,

@@ -86,7 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-envs", type=int, default=100)
     p.add_argument("--seed", type=int, default=12345, help="the model card's --eval-seed")
     p.add_argument("--particles", type=int, default=30)
-    p.add_argument("--out", type=Path, help="default: results/reward_reference/ENV.json")
+    p.add_argument(
+        "--out", type=Path, help="default: experiments/results/reward_reference/ENV.json"
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.n_envs < 1 or args.particles < 1:

@@ -242,7 +242,11 @@ def test_registry_variants(name, field, value):
         ("linear-d1", {}, "d must be an integer >= 2"),
         ("linear-d10", {"budget": -1}, "budget must be"),
         ("linear-d10", {"noise": "cauchy"}, "unknown noise 'cauchy'"),
-        ("linear-d10", {"n_zero": 3}, "bad setting"),
+        (
+            "linear-d10",
+            {"n_zero": 3},
+            r"unknown setting\(s\) \['n_zero'\] for 'linear-d10'; known: d, n0,",
+        ),
         ("linear-ood-foo-d10", {}, "unknown linear variant 'ood-foo'"),
         ("quadratic-d10", {}, "unknown environment"),
         ("linear", {}, "unknown environment"),

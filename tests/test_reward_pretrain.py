@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from caasl_jax.cli import main as cli_main
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward.checkpoint import load_weights
 from caasl_jax.reward.pretrain import (
@@ -87,8 +88,10 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     assert sorted(p.name for p in (out / "ckpt").iterdir() if p.name.isdigit()) == ["2", "4"]
     params, config, meta = load_weights(export)
     assert config.dim == 8 and meta["env"] == "linear-d3"
-    # same settings: resumes at step 4 and does nothing more
+    # same settings: resumes at step 4 and does nothing more, but still exports
+    export.unlink()
     assert main([*args, "--steps", "4"]) == 0
+    assert export.read_bytes() == (out / "best.msgpack").read_bytes()
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     latest = tmp_path / "latest.msgpack"
     assert main([*args, "--steps", "4", "--export-latest", str(latest)]) == 0
@@ -103,16 +106,16 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     # on resume, --export may update the run's own export, never another file
     other = tmp_path / "other.msgpack"
     other.write_text("keep")
-    with pytest.raises(SystemExit, match="other.msgpack: exists; pass --overwrite"):
+    with pytest.raises(ValueError, match="other.msgpack: exists; pass --overwrite"):
         main([*args[:4], "--export", str(other), *TINY, "--steps", "4"])
     assert other.read_text() == "keep"
-    with pytest.raises(SystemExit, match="is the run's own best.msgpack"):
+    with pytest.raises(ValueError, match="is the run's own best.msgpack"):
         main([*args[:4], "--export", str(out / "best.msgpack"), *TINY, "--steps", "4"])
     # different settings refuse to mix runs
-    with pytest.raises(SystemExit, match="different settings"):
+    with pytest.raises(ValueError, match="different settings"):
         main([*args, "--steps", "6", "--lr", "0.5"])
     # ... also when only the objective or the held-out set (which scored `best`) differs
-    with pytest.raises(SystemExit, match=r"different settings \(acyclicity, eval_seed\)"):
+    with pytest.raises(ValueError, match=r"different settings \(acyclicity, eval_seed\)"):
         main([*args, "--steps", "4", "--acyclicity", "5", "--eval-seed", "1"])
 
 
@@ -165,15 +168,18 @@ def test_exports_never_replace_a_file_silently(tmp_path, capsys):
     existing.write_text("keep")
     base = ["--env", "linear-d3", "--out", str(tmp_path / "run"), *TINY, "--steps", "2"]
     for option in ("--export", "--export-latest"):
-        with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        with pytest.raises(ValueError, match="exists; pass --overwrite"):
             main([*base, option, str(existing)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         main([*base, "--export", str(tmp_path / "no-such-folder" / "w.msgpack")])
-    with pytest.raises(SystemExit, match="is a folder"):
+    with pytest.raises(ValueError, match="is a folder"):
         main([*base, "--export", str(tmp_path)])
-    with pytest.raises(SystemExit, match="holds no pretraining run"):
+    with pytest.raises(FileNotFoundError, match="holds no pretraining run"):
         main([*base, "--export-latest", str(tmp_path / "new.msgpack")])
     assert existing.read_text() == "keep" and not (tmp_path / "run").exists()
+    # the caasl command prints them as its other errors: one prefixed line, status 2
+    assert cli_main(["pretrain-reward", *base, "--export", str(existing)]) == 2
+    assert capsys.readouterr().err.startswith("caasl pretrain-reward: error: --export ")
 
 
 @pytest.mark.parametrize(

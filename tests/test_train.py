@@ -250,6 +250,13 @@ def test_packaged_configs_load_and_set_overrides(tmp_path):
     # the small default's reward model ships with the package
     trainer, _ = train_lib.make_trainer(load_config("small"))
     assert trainer.env.d == 5 and trainer.env.n_rows == 25
+    # a config that names no reward model gets the shipped weights named like its env
+    # (the default used to name weights that do not exist)
+    assert TrainConfig().reward_model_name == "linear-sparse-d5"
+    assert TrainConfig(env="sergio-d10").reward_model_name == "sergio-d10"
+    assert TrainConfig(env="linear-d7", reward_model="x.msgpack").reward_model_name == "x.msgpack"
+    with pytest.raises(ValueError, match="reward_model 'auto' needs shipped weights named like"):
+        train_lib.make_trainer(TrainConfig(env="linear-d7"))
 
 
 def test_cli_train_and_resume(tiny, tmp_path, capsys, monkeypatch):

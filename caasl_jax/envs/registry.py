@@ -19,6 +19,7 @@ Keyword overrides are passed to the environment (e.g. n0=20, budget=5).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -77,6 +78,10 @@ def make_env(name: str, **overrides) -> Environment:
             f"ask for '{name[: match.start('d')]}{overrides['d']}' instead"
         )
     settings = {**variants[variant], **overrides, "d": d}
+    known = [f.name for f in dataclasses.fields(builder) if f.init]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for {name!r}; known: {', '.join(known)}")
     try:
         return builder(**settings)
     except TypeError as error:

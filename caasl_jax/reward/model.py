@@ -264,6 +264,9 @@ def param_count(params: Params) -> int:
 class AviciModel:
     """Convenience bundle of a config with the functions above.
 
+    >>> from caasl_jax.envs import make_env
+    >>> env = make_env("linear-d5")
+    >>> history, _ = env.reset(jax.random.key(1), env.sample_params(jax.random.key(2)))
     >>> model = AviciModel(AviciConfig(dim=32, layers=1, heads=2, key_size=8))
     >>> params = model.init(jax.random.key(0), d=5)
     >>> probs = model.edge_probs(params, history.data, history.mask)   # f32[5, 5]

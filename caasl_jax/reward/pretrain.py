@@ -26,9 +26,10 @@ Held-out evaluation every --eval-every steps on --eval-envs fixed systems (seede
 do-interventions; reports the mean expected correct entries (of d^2, diagonal
 included), AUPRC, expected SHD, SHD, edge F1 and AUROC. The best parameters by
 expected correct entries are written to <out>/best.msgpack (load with
-`caasl_jax.reward.checkpoint.load_weights`), and copied to --export if given (in
-one rename; <out>/export-path.txt names that file, which the run may then replace
-when it resumes; any other existing file needs --overwrite).
+`caasl_jax.reward.checkpoint.load_weights`), and copied to --export if given (at
+each new best and when the command ends, in one rename; <out>/export-path.txt names
+that file, which the run may then replace when it resumes; any other existing file
+needs --overwrite).
 
 Orbax checkpoints every --ckpt-every steps under <out>/ckpt; rerunning the same
 command resumes from the latest one (the config must match; see <out>/run.json).
@@ -53,7 +54,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from caasl_jax.checks import file_path_problem
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.jsonl import keep_rows_up_to, to_line
 from caasl_jax.metrics import batch_metrics
 from caasl_jax.reward.checkpoint import save_weights
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="caasl pretrain-reward",
         description="Pretrain the AVICI reward model on histories from a caasl-jax environment.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--env", default="linear-d10", help="environment name (registry)")
     p.add_argument(
@@ -345,28 +347,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps-per-call", type=positive_int, default=10, help="steps per compiled call"
     )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument(
+        "--warmup", type=int, default=500, help="linear warm-up steps, then cosine decay"
+    )
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--dim", type=positive_int, default=64, help="token width")
     p.add_argument("--layers", type=positive_int, default=2, help="L (the network has 2L blocks)")
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--key-size", type=positive_int, default=16)
-    p.add_argument("--widening", type=positive_int, default=4)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--key-size", type=positive_int, default=16, help="width per head")
+    p.add_argument("--widening", type=positive_int, default=4, help="feed-forward width / dim")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout rate while training")
     p.add_argument(
         "--standardization",
         default="auto",
         choices=["auto", "zscore", "log2_cpm", "none"],
         help="auto: log2_cpm for sergio envs, zscore otherwise",
     )
-    p.add_argument("--p-single", type=float, default=0.5)
-    p.add_argument("--p-multi", type=float, default=0.4)
+    p.add_argument(
+        "--p-single", type=float, default=0.5, help="share of single-target random designs"
+    )
+    p.add_argument(
+        "--p-multi",
+        type=float,
+        default=0.4,
+        help="share of multi-target random designs (the rest observational)",
+    )
     p.add_argument("--acyclicity", type=float, default=0.0, help="acyclicity penalty weight")
-    p.add_argument("--eval-every", type=positive_int, default=500)
-    p.add_argument("--eval-envs", type=positive_int, default=100)
-    p.add_argument("--eval-seed", type=int, default=12345)
-    p.add_argument("--ckpt-every", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--eval-every", type=positive_int, default=500, help="steps between held-out evaluations"
+    )
+    p.add_argument("--eval-envs", type=positive_int, default=100, help="held-out systems")
+    p.add_argument("--eval-seed", type=int, default=12345, help="seed of the held-out systems")
+    p.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and training data")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument(
         "--export",
@@ -404,7 +417,7 @@ def parse_env_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--env-set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--env-set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(raw)
     return overrides
@@ -506,7 +519,7 @@ def _check_run_file(out: Path, run: dict) -> None:
         defaults = {"env_overrides": {}, **{k: run[k] for k in ("eval_envs", "eval_seed")}}
         diff = [k for k in keys if old.get(k, defaults.get(k)) != run.get(k)]
         if diff:
-            raise SystemExit(
+            raise ValueError(
                 f"{out} holds a run with different settings ({', '.join(diff)}); "
                 "use another --out or the same options to resume"
             )
@@ -539,7 +552,8 @@ def args_error(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `caasl pretrain-reward`. Returns a process exit status."""
+    """Entry point of `caasl pretrain-reward`. Returns a process exit status; bad input
+    raises ValueError / FileNotFoundError naming it (the command prints one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     error = args_error(args)
@@ -569,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out if option == "--export" else None
         problem = _export_target_problem(target, args.overwrite, run_dir)
         if problem:
-            raise SystemExit(f"{option} {target}: {problem}")
+            raise ValueError(f"{option} {target}: {problem}")
     if args.export_latest and not resuming:  # before anything is written under out
-        raise SystemExit(f"--export-latest: {out} holds no pretraining run")
+        raise FileNotFoundError(f"--export-latest: {out} holds no pretraining run")
     out.mkdir(parents=True, exist_ok=True)
     run = {
         "env": args.env,
@@ -619,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reward model: {param_count(params):,} parameters, config {config}", flush=True)
     if args.export_latest:
         if latest is None:
-            raise SystemExit(f"--export-latest: no checkpoint under {out / 'ckpt'}")
+            raise FileNotFoundError(f"--export-latest: no checkpoint under {out / 'ckpt'}")
         metrics = evaluate(params)
         meta = {
             "env": args.env,
@@ -692,10 +706,15 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint()
     if manager.latest_step() != step:  # stopped by --time-limit between checkpoints
         save_checkpoint()
+    if args.export and best_path.is_file():  # also when this call found no new best
+        _export_copy(best_path, args.export, out)
     manager.wait_until_finished()
     bar.close()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from caasl_jax.cli import console_main
+
+    sys.argv.insert(1, "pretrain-reward")
+    console_main()
