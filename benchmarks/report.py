@@ -538,7 +538,23 @@ step without micro-batching), measured on this VM during development:
   14.5 -> 157 ms, variables 9.3 -> 29.4 ms; ad-hoc script, not kept).
 - **Two cores.** XLA's CPU runtime used about 1.5 of the 2 cores on these small ops
   (process CPU time / wall time); splitting the batch over 2 fake devices lets each
-  core run its own stream (table above)."""
+  core run its own stream (table above). Tried and not kept (2026-12-02, a 2-core AMD
+  EPYC VM): the same inside one device, as two independent micro-batch scans for XLA to
+  run side by side (B = 64, `grad_step`, two alternating runs: 4.85 / 3.78 s against
+  4.31 / 3.56 s without; compile 33-35 s against 22-25 s).
+- **Keys-major attention** (tried and not kept, 2026-12-02, the AMD VM). Written as
+  v^T @ w^T ([4, T] @ [T, S]) rather than w @ v ([S, T] @ [T, 4]), the value product
+  ran 2.3x faster in isolation (640 products of 60 x 60 by 60 x 4 on one core: 0.42
+  against 0.95 ms), so attention was rewritten with its weights stored [T, S] (softmax
+  over axis -2, hand-written gradient as above). In the step the value-product kernel
+  took as long as before (~1.8 ms per critic block of 4 histories in
+  `benchmarks.step_profile`): XLA fuses the exponentials into that YNNPACK kernel, and
+  they, not the product's shape, set its time; the policy's dropout mask also needed a
+  transposed copy. One core, B = 32, two alternating profiles: 2.53 / 2.94 s against
+  3.37 / 2.52 s; B = 64 on both cores (`grad_step`, three alternating pairs): 3.45 /
+  3.80 / 3.75 s against 3.97 / 3.88 / 3.84 s (2-13%, mean 6%). Not kept: a gain of that
+  size is within this VM's run-to-run spread, and the change moves the rounding of
+  every network, so the committed training figures would have to be measured again."""
 
 
 def measured_between(stamps: list[str]) -> str:
