@@ -589,7 +589,7 @@ def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> N
             continue
         existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
         if not existing.is_dir():
-            under = "" if existing == Path(path) else f" (under {existing}, a file)"
-            raise FileExistsError(f"{option} {path} is a file{under}; give a folder")
+            where = "is a file" if existing == Path(path) else f"lies under {existing}, a file"
+            raise FileExistsError(f"{option} {path} {where}; give a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

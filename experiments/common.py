@@ -189,6 +189,12 @@ def run_figure(name: str, argv=None) -> dict:
         return results
     progress = out / PROGRESS_DIR
     if args.restart:
+        results = [p.name for p in out.iterdir() if p != progress] if out.is_dir() else []
+        if results and not args.overwrite:  # before the progress goes, not after
+            raise FileExistsError(
+                f"{out} holds results ({', '.join(sorted(results))}); choose another --out "
+                "or add --overwrite"
+            )
         discard_progress(progress)
     saved = progress_files(progress)
     _check_progress_is_this_runs(saved, config)

@@ -103,6 +103,12 @@ def test_overwrite_resumes_progress_and_only_restart_discards_it(tmp_path):
     with pytest.raises(ValueError, match="pass --restart to discard it"):
         common.run_figure("fig3_linear_likelihood", argv)
     assert saved.read_bytes() == b"hours of GIES refits"
+    # --restart over earlier results needs --overwrite, checked before discarding
+    (out / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds results \\(results.json\\)"):
+        common.run_figure("fig3_linear_likelihood", ["--out", str(out), "--restart"])
+    assert saved.exists()
+    (out / "results.json").unlink()
     with pytest.raises(ValueError, match="design 'no-such-design'"):
         common.run_figure(
             "fig3_linear_likelihood",

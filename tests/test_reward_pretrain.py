@@ -99,10 +99,17 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     assert latest_meta["step"] == 4 and "--export-latest" not in latest_meta["argv"]
     assert main(["--env", "linear-d3", "--evaluate-only", str(export), "--eval-envs", "4"]) == 0
     # a run killed after writing a new best.msgpack but before updating its --export
-    # (which then holds an earlier best) still resumes with that --export
-    export.write_bytes(latest.read_bytes())
+    # (which then holds the earlier best) still resumes with that --export ...
+    (out / "best.msgpack").write_bytes(latest.read_bytes())
     assert main([*args, "--steps", "4"]) == 0
-    assert not list(tmp_path.glob(".*partial"))
+    assert export.read_bytes() == latest.read_bytes()
+    assert not list(tmp_path.glob(".*partial")) and not list(out.glob(".*partial"))
+    # ... but another file put at that path later is not the run's to replace
+    export.write_bytes(b"someone else's weights")
+    with pytest.raises(ValueError, match="exported.msgpack: exists; pass --overwrite"):
+        main([*args, "--steps", "4"])
+    assert export.read_bytes() == b"someone else's weights"
+    export.write_bytes(latest.read_bytes())
     # on resume, --export may update the run's own export, never another file
     other = tmp_path / "other.msgpack"
     other.write_text("keep")

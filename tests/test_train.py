@@ -325,7 +325,7 @@ def test_cli_refuses_bad_counts_before_any_work(tmp_path, capsys):
     assert cli_main([*common, "--out", str(out), "--checkpoint-dir", str(afile)]) == 2
     assert f"--checkpoint-dir {afile} is a file" in capsys.readouterr().err
     assert cli_main([*common, "--out", str(afile / "sub")]) == 2  # found only when writing
-    assert f"--out {afile / 'sub'} is a file (under {afile}, a file)" in capsys.readouterr().err
+    assert f"--out {afile / 'sub'} lies under {afile}, a file" in capsys.readouterr().err
     assert afile.read_text() == "keep" and not out.exists()
 
 

@@ -242,7 +242,7 @@ def load_progress(path: Path, run_id: str, histories: History, states):
         raise ValueError(
             f"{path}: progress of another run (method, settings, environments, key or "
             "particle count differ); delete it, choose another checkpoint location, or "
-            "(experiments/) rerun with --overwrite"
+            "(experiments/) rerun with --restart"
         )
     try:
         steps_done = int(tree["steps_done"])

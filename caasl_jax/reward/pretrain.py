@@ -27,9 +27,9 @@ do-interventions; reports the mean expected correct entries (of d^2, diagonal
 included), AUPRC, expected SHD, SHD, edge F1 and AUROC. The best parameters by
 expected correct entries are written to <out>/best.msgpack (load with
 `caasl_jax.reward.checkpoint.load_weights`), and copied to --export if given (at
-each new best and when the command ends, in one rename; <out>/export-path.txt names
-that file, which the run may then replace when it resumes; any other existing file
-needs --overwrite).
+each new best and when the command ends, in one rename; <out>/export.json records
+that file and the contents written there, which the run may then replace when it
+resumes; any other existing file needs --overwrite).
 
 Orbax checkpoints every --ckpt-every steps under <out>/ckpt; rerunning the same
 command resumes from the latest one (the config must match; see <out>/run.json).
@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import filecmp
 import functools
+import hashlib
 import json
 import shutil
 import sys
@@ -451,7 +452,8 @@ def _config_from_args(args, env_name: str) -> AviciConfig:
     )
 
 
-EXPORT_RECORD = "export-path.txt"  # under --out: the file this run's --export updates
+#: under --out: the file this run's --export updates and the contents it wrote there
+EXPORT_RECORD = "export.json"
 
 
 def _export_target_problem(target: str | None, overwrite: bool, out: Path | None) -> str | None:
@@ -473,26 +475,50 @@ def _export_target_problem(target: str | None, overwrite: bool, out: Path | None
 
 
 def _is_own_export(path: Path, out: Path) -> bool:
-    """Whether the file at `path` is this run's --export: the path the run recorded when
-    it last exported, or (runs from before that record) a copy of its best.msgpack."""
+    """Whether the file at `path` is this run's --export: a copy of its best.msgpack, or
+    the contents the run last wrote at that path, or those it wrote before (a run killed
+    between writing best.msgpack and replacing its export leaves the previous ones)."""
     if not path.is_file():
         return False
-    record = out / EXPORT_RECORD
-    if record.is_file() and record.read_text().strip() == str(path.resolve()):
-        return True
     best = out / "best.msgpack"
-    return best.is_file() and filecmp.cmp(path, best, False)
+    if best.is_file() and filecmp.cmp(path, best, False):
+        return True
+    record = _read_export_record(out)
+    return record.get("path") == str(path.resolve()) and _sha256(path) in record["sha256"]
+
+
+def _read_export_record(out: Path) -> dict:
+    """{"path": the export file, "sha256": [digests of contents written there]} or {}."""
+    try:
+        record = json.loads((out / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):  # none yet, or damaged: then only best.msgpack counts
+        return {}
+    return record if isinstance(record, dict) and isinstance(record.get("sha256"), list) else {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _export_copy(best: Path, target: str, out: Path) -> None:
-    """Copy best.msgpack to the --export path, recording that path first and replacing
-    the file in one rename: a run killed at any point leaves the old or the new weights
-    there, and its resume still knows the file as its own."""
+    """Copy best.msgpack to the --export path in one rename, recording first (also in
+    one rename) the path and the digests of what was there and what comes: a run killed
+    at any point leaves old or new weights there, and its resume knows either as its own."""
     target = Path(target).resolve()
-    (out / EXPORT_RECORD).write_text(f"{target}\n")
+    digests = [_sha256(best)]
+    if target.is_file():
+        digests.insert(0, _sha256(target))
+    _replace_file(out / EXPORT_RECORD, json.dumps({"path": str(target), "sha256": digests}))
     partial = target.with_name(f".{target.name}.partial")
     shutil.copyfile(best, partial)
     partial.replace(target)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (never half-written)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _check_run_file(out: Path, run: dict) -> None:
