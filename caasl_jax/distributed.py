@@ -154,6 +154,11 @@ def initialize(
         return False
     # only affects the CPU client: cross-process psum/all-gather between CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX writes the persistent compilation cache from process 0 only, and the other
+    # processes' programs miss it (their keys differ), so process 0 reached the first
+    # collective minutes ahead and gloo gave up waiting (30 s). Compiling everywhere
+    # keeps the processes in step.
+    jax.config.update("jax_enable_compilation_cache", False)
     if settings.auto:
         jax.distributed.initialize()
     else:
@@ -191,6 +196,21 @@ def agree(flag: bool) -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray(flag, dtype=np.int32))
     return bool(np.all(flags))
+
+
+def same_everywhere(text: str) -> bool:
+    """True iff every process passes the same `text` (compared by SHA-256; one
+    all-gather, local with 1 process), so that all of them can refuse together."""
+    if jax.process_count() == 1:
+        return True
+    import hashlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.int32)
+    digests = multihost_utils.process_allgather(digest)
+    return bool(np.all(digests == digests[0]))
 
 
 def broadcast_from_primary(tree: Any) -> Any:

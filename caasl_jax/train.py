@@ -562,6 +562,12 @@ def train(
     from tqdm.auto import tqdm
 
     distributed.initialize()  # from CAASL_* variables; no-op if unset or already done
+    settings = json.dumps([to_dict(config), max_calls, resume], sort_keys=True, default=str)
+    if not distributed.same_everywhere(settings):
+        raise ValueError(
+            "the processes of this run were started with different settings (config, "
+            "--set, --max-calls or --resume); start every process with the same command"
+        )
     primary = distributed.is_primary()
     run = RunDir(run_dir)
     trainer, reward_params = make_trainer(config, devices, score_builder)  # fails fast

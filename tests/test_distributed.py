@@ -189,6 +189,53 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# one process of a run whose processes disagree: process i trains with seed i
+MISMATCH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    sys.path.insert(0, sys.argv[1])
+    from test_train import intervened_values_score, tiny_config_dict
+    from caasl_jax import distributed
+    from caasl_jax import train as train_lib
+    from caasl_jax.config import TrainConfig, from_dict
+
+    reward, run_dir = sys.argv[2:4]
+    distributed.initialize()
+    import jax
+
+    config = from_dict(TrainConfig, {**tiny_config_dict(reward), "seed": jax.process_index()})
+    try:
+        train_lib.train(config, run_dir, progress=False, score_builder=intervened_values_score)
+    except ValueError as error:
+        assert "started with different settings" in str(error), error
+        print("WORKER OK")
+    """
+)
+
+
+def test_processes_started_with_different_settings_all_refuse(tmp_path):
+    """Each used to train on its own settings and report its own numbers."""
+    reward = tiny_reward_weights(tmp_path / "reward.msgpack")
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH_SCRIPT)
+    coordinator = f"127.0.0.1:{free_port()}"
+    finish(
+        [
+            launch(
+                script,
+                [reward, tmp_path / "run"],
+                local_devices=1,
+                coordinator=coordinator,
+                num_processes=2,
+                process_id=p,
+            )
+            for p in range(2)
+        ]
+    )
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
     reward = tiny_reward_weights(tmp_path / "reward.msgpack")
     script = tmp_path / "worker.py"
