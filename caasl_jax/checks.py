@@ -20,12 +20,21 @@ def file_path_problem(path, create_folders: bool = False) -> str | None:
     path = Path(path)
     if path.is_dir():
         return "is a folder; give a file path"
-    existing = next(folder for folder in path.parents if folder.exists())
-    if not existing.is_dir():
-        return f"lies under {existing}, which is a file"
-    if not create_folders and existing != path.parent:
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        return f"lies under {blocking}, which is a file"
+    if not create_folders and not path.parent.is_dir():
         return f"folder {path.parent} does not exist"
     return None
+
+
+def file_in_the_way(folder):
+    """The file that stands at `folder` or at one of its parents (a Path), or None:
+    then `folder` exists or can be created."""
+    from pathlib import Path
+
+    existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
+    return None if existing.is_dir() else existing
 
 
 class CheckpointError(ValueError):

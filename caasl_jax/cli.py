@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     return _run_command(argv)[0]
 
 
-def console_main() -> None:
-    """Entry point of the `caasl` command: `main`, then exit with its status.
+def console_main(argv: list[str] | None = None) -> None:
+    """Entry point of the `caasl` command: `main(argv)`, then exit with its status.
 
     After a damaged checkpoint the process ends at once (`os._exit`, streams flushed):
     tensorstore's reads that orbax left in flight complete afterwards and print
@@ -316,7 +316,7 @@ def console_main() -> None:
     that no Python hook sees; they buried the one-line error. Nothing is being written
     at that point (every command restores before it trains or writes results).
     """
-    status, error = _run_command(None)
+    status, error = _run_command(argv)
     if isinstance(error, CheckpointError):
         sys.stdout.flush()
         sys.stderr.flush()

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from caasl_jax.checks import check_positive_int
+from caasl_jax.checks import check_positive_int, file_in_the_way
 from caasl_jax.envs.core import Environment, History
 
 Policy = Callable[[jax.Array, History], jax.Array]
@@ -585,11 +585,9 @@ def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> N
     under one, and a non-empty --out unless told to overwrite."""
     out = Path(out)
     for option, path in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
-        if path is None:
-            continue
-        existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
-        if not existing.is_dir():
-            where = "is a file" if existing == Path(path) else f"lies under {existing}, a file"
+        blocking = None if path is None else file_in_the_way(path)
+        if blocking is not None:
+            where = "is a file" if blocking == Path(path) else f"lies under {blocking}, a file"
             raise FileExistsError(f"{option} {path} {where}; give a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

@@ -103,7 +103,7 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     (out / "best.msgpack").write_bytes(latest.read_bytes())
     assert main([*args, "--steps", "4"]) == 0
     assert export.read_bytes() == latest.read_bytes()
-    assert not list(tmp_path.glob(".*partial")) and not list(out.glob(".*partial"))
+    assert not list(tmp_path.glob("*.partial")) and not list(out.glob("*.partial"))
     # ... but another file put at that path later is not the run's to replace
     export.write_bytes(b"someone else's weights")
     with pytest.raises(ValueError, match="exported.msgpack: exists; pass --overwrite"):

@@ -38,6 +38,7 @@ from caasl_jax.baselines.posterior import (
 )
 from caasl_jax.envs.core import Environment, History
 from caasl_jax.envs.linear import LinearSCMEnv
+from caasl_jax.files import write_atomically
 
 # (env, particles, key, settings) -> (action f32[2d], score); a module-level function,
 # so that it can be sent to the worker processes
@@ -224,12 +225,7 @@ def save_progress(path: Path, run_id: str, steps_done: int, histories: History, 
         "states": serialization.to_state_dict(jax.device_get(states)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as f:
-        f.write(serialization.msgpack_serialize(tree))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    write_atomically(path, serialization.msgpack_serialize(tree))
 
 
 def load_progress(path: Path, run_id: str, histories: History, states):

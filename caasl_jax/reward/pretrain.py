@@ -43,7 +43,6 @@ import filecmp
 import functools
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from caasl_jax.checks import file_path_problem
 from caasl_jax.cli import DefaultsHelpFormatter, positive_int
+from caasl_jax.files import write_atomically
 from caasl_jax.jsonl import keep_rows_up_to, to_line
 from caasl_jax.metrics import batch_metrics
 from caasl_jax.reward.checkpoint import save_weights
@@ -505,20 +505,13 @@ def _export_copy(best: Path, target: str, out: Path) -> None:
     one rename) the path and the digests of what was there and what comes: a run killed
     at any point leaves old or new weights there, and its resume knows either as its own."""
     target = Path(target).resolve()
-    digests = [_sha256(best)]
+    weights = best.read_bytes()
+    digests = [hashlib.sha256(weights).hexdigest()]
     if target.is_file():
         digests.insert(0, _sha256(target))
-    _replace_file(out / EXPORT_RECORD, json.dumps({"path": str(target), "sha256": digests}))
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(best, partial)
-    partial.replace(target)
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never half-written)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    record = json.dumps({"path": str(target), "sha256": digests})
+    write_atomically(out / EXPORT_RECORD, record.encode())
+    write_atomically(target, weights)
 
 
 def _check_run_file(out: Path, run: dict) -> None:
@@ -742,5 +735,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from caasl_jax.cli import console_main
 
-    sys.argv.insert(1, "pretrain-reward")
-    console_main()
+    console_main(["pretrain-reward", *sys.argv[1:]])
