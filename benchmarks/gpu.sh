@@ -17,8 +17,9 @@
 # That is safe for the agent networks. The AVICI reward stays float32: step rewards are
 # differences of ~0.1 between sums of 100 edge probabilities, which bf16 rounding
 # (~4e-3 relative per product) would blur.
-# Packages the GPU image lacks (distrax, tensorflow-probability, pyyaml, ...) travel as
-# wheels in .whl/ (see the device notes); they are installed when present.
+# Packages the GPU image lacks (distrax and its tfp-nightly, tensorboardX) travel as
+# wheels in .whl/: make them here with `bash scripts/gpu_wheels.sh` and carry ".whl";
+# they are installed when present (scripts/gpu_site.sh).
 #
 # QUICK=1 runs the same pipeline at toy counts (a smoke test of this script on a CPU).
 set -euo pipefail
@@ -32,13 +33,7 @@ else
   TRAIN_SETS=(--set warmup_episodes=1000 --set replay_episodes=100000)
 fi
 mkdir -p "$OUT_DIR"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-python3 -c "import jax; print(jax.devices())"
+source scripts/gpu_site.sh
 
 for precision in float32 bfloat16; do
   # shellcheck disable=SC2086

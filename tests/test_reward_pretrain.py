@@ -22,6 +22,7 @@ from caasl_jax.reward.pretrain import (
     main,
     make_optimizer,
     make_train_chunk,
+    plan_for_budget,
     random_action,
     replicated_sharding,
     restore_checkpoint,
@@ -220,3 +221,16 @@ def test_random_actions_fit_the_env_action_size():
     assert np.all(np.abs(linear) <= 1.0)
     single = jax.vmap(lambda k: single_target_action(k, 5, 5))(keys)
     assert np.all(np.asarray((single > 0).sum(1)) == 1)
+
+
+def test_budget_plan_fits_the_steps_to_the_time_left_after_compiling():
+    # evaluations after 3 and 6 calls: 1 s per call, so 13 s = 10 s compile + 3 calls
+    plan = plan_for_budget([{"time_s": 13.0}, {"time_s": 16.0}], 3, 50, budget_s=300.0)
+    assert (plan["call_s"], plan["compile_s"]) == (1.0, 10.0)
+    assert plan["steps"] == int(0.9 * 290) * 50  # 10% of the rest left for evaluations
+    assert plan["warmup"] == plan["steps"] // 10
+    assert plan["eval_every"] % 50 == 0 and plan["eval_every"] == 26 * 50
+    tiny = plan_for_budget([{"time_s": 30.0}, {"time_s": 60.0}], 3, 5, budget_s=20.0)
+    assert tiny["steps"] == 10  # never fewer than 2 calls
+    with pytest.raises(ValueError, match="logged 1 evaluations, needs 2"):
+        plan_for_budget([{"time_s": 1.0}], 3, 50, budget_s=300.0)

@@ -424,6 +424,33 @@ def parse_env_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def plan_for_budget(log_rows: list[dict], calls_between: int, steps_per_call: int, budget_s: float):
+    """Steps of a run that fit `budget_s` seconds, from a calibration run's log.
+
+    log_rows: the calibration's log.jsonl rows, evaluated after `calls_between` and
+    2 * `calls_between` compiled calls (their time_s counts from the start, so the first
+    holds the compilation). Keeps 10% of the budget for the run's evaluations.
+    Returns {"call_s", "compile_s", "steps", "warmup" (10%), "eval_every" (a tenth of
+    the run, a multiple of steps_per_call)} plus the inputs.
+    """
+    if len(log_rows) < 2:
+        raise ValueError(f"the calibration run logged {len(log_rows)} evaluations, needs 2")
+    first, second = log_rows[0]["time_s"], log_rows[1]["time_s"]
+    call_s = max(second - first, 1e-6) / calls_between
+    compile_s = max(first - calls_between * call_s, 0.0)
+    calls = max(int(0.9 * (budget_s - compile_s) / call_s), 2)
+    return {
+        "call_s": call_s,
+        "compile_s": compile_s,
+        "steps_per_call": steps_per_call,
+        "steps_per_s": steps_per_call / call_s,
+        "budget_s": budget_s,
+        "steps": calls * steps_per_call,
+        "warmup": max(calls * steps_per_call // 10, 1),
+        "eval_every": max(calls // 10, 1) * steps_per_call,
+    }
+
+
 def evaluate_weights(
     weights: str, env_name: str, n_envs: int, seed: int, env_overrides: dict | None = None
 ) -> dict:

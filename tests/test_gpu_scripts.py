@@ -1,0 +1,61 @@
+"""The prepared GPU pretraining script, run in its CPU smoke-test mode (QUICK=1).
+
+A GPU lease is short and rare: a script that fails there (a renamed option, a file
+the device tool cannot bring back) wastes it, so the whole pipeline runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_script(tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        # python3 in the script must be this interpreter (the project's venv)
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "JAX_PLATFORMS": "cpu",
+        "QUICK": "1",
+        "TRAIN_S": "8",
+        "OUT": str(tmp_path / "out"),
+        "RUN_DIR": str(tmp_path / "runs" / "reward-gpu"),
+    }
+    return subprocess.run(
+        ["bash", "scripts/gpu_pretrain.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
+    first = _run_script(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "out"
+    # what the device tool brings back: at most 8 plain files, no folders
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files)
+    plan = json.loads((out / "calibration.json").read_text())
+    assert plan["steps"] > 0 and plan["steps"] % plan["steps_per_call"] == 0
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["eval_envs"] == 100 and 0 < heldout["expected_correct"] <= 100
+    assert (out / "linear-d10-gpu.msgpack").stat().st_size > 0
+    with tarfile.open(out / "run.tar") as tar:
+        assert "reward-gpu/run.json" in tar.getnames()
+
+    second = _run_script(tmp_path)  # the run folder is there: resume, no calibration
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming {tmp_path / 'runs' / 'reward-gpu'}: {plan['steps']} steps" in second.stdout
+    assert "calibrated" not in second.stdout
