@@ -37,7 +37,7 @@ from caasl_jax.agents import Policy, paper_configs, sample_action
 from caasl_jax.baselines import LIKELIHOOD_BASELINES, diffcbed, posterior, ss_finite
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, particles_from_numpy
 from caasl_jax.baselines.runner import check_supported
-from caasl_jax.cli import int_at_least, positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, int_at_least, positive_int
 from caasl_jax.envs import make_env
 from caasl_jax.envs.core import History
 
@@ -136,7 +136,9 @@ def end_to_end(env, n_envs: int, workers: int, n_particles: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--env", nargs="+", default=["linear-d10"])
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--n-particles", type=positive_int, default=30)

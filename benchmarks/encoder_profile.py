@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import emit, machine_info, profile_kernels, time_call
 from caasl_jax.agents.networks import Encoder, EncoderConfig, TransformerBlock
-from caasl_jax.cli import int_at_least, positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, int_at_least, positive_int
 
 N_ROWS, D, WIDTH = 60, 10, 32
 
@@ -62,7 +62,9 @@ def sample_block_kernels(tokens, key_mask, top: int, calls: int) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--histories", type=positive_int, default=4)
     parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--kernels", type=int_at_least(0), default=0, help="top kernels to profile")

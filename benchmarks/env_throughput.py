@@ -16,7 +16,7 @@ import argparse
 import jax
 
 from benchmarks.common import emit, machine_info, time_call
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.envs import make_env
 
 
@@ -50,7 +50,9 @@ def episode_fn(env, batch: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--env", default="linear-d10")
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 100, 1000, 10000])
     parser.add_argument("--repeats", type=positive_int, default=5)

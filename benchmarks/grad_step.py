@@ -28,7 +28,7 @@ import time
 
 from benchmarks.common import machine_info, time_call
 from caasl_jax.checks import file_path_problem
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.jsonl import to_line
 
 # the authors' PyTorch release on this machine class (REFERENCE.md section 5)
@@ -155,7 +155,9 @@ def _run(spec: dict, rows_path: str | None = None) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--devices", type=positive_int, nargs="+", default=[1, 2, 4])
     parser.add_argument(

@@ -9,6 +9,7 @@ we store each episode once (see caasl_jax/replay.py). Prints JSON.
 import argparse
 import json
 
+from caasl_jax.cli import DefaultsHelpFormatter
 from caasl_jax.replay import bytes_per_transition, init_replay
 
 SETTINGS = {
@@ -28,7 +29,9 @@ def release_bytes(n0: int, budget: int, d: int, action_dim: int) -> dict:
 
 
 def main(argv=None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help
+    argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    ).parse_args(argv)  # --help
     report = {}
     for name, (n0, budget, d, action_dim) in SETTINGS.items():
         state = init_replay(64, n0=n0, budget=budget, d=d, action_dim=action_dim)

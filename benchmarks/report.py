@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from caasl_jax.checks import file_path_problem
+from caasl_jax.cli import DefaultsHelpFormatter
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -568,7 +569,9 @@ def measured_between(stamps: list[str]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--from-json", action="store_true", help="re-render saved results only")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="re-measure only these")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import emit, machine_info, time_call
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.reward.checkpoint import available_pretrained, load_pretrained
 from caasl_jax.reward.model import AviciConfig, edge_probs, init_params, param_count
 
@@ -87,7 +87,9 @@ def avici_haiku(batch, n, d, repeats) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--batch", type=positive_int, default=1000)
     parser.add_argument(
         "--big-batch", type=positive_int, default=1000, help="batch for official size"

@@ -17,12 +17,14 @@ import jax
 
 from benchmarks.common import emit, machine_info, profile_kernels
 from benchmarks.sergio_throughput import design_steps_fn
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.envs.registry import make_env
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=positive_int, default=1000)
     parser.add_argument("--calls", type=positive_int, default=10)
     parser.add_argument("--top", type=positive_int, default=15)

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import emit, machine_info, time_call
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.envs.sergio import SergioEnv
 
 DEFAULT_REF = Path(__file__).resolve().parents[1] / ".ref"
@@ -152,7 +152,9 @@ def avici_figures(sergio_cls, env: SergioEnv, repeats: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--d", type=positive_int, default=10)
     parser.add_argument("--batch", type=positive_int, default=1000)
     parser.add_argument("--repeats", type=positive_int, default=5)

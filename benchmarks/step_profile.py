@@ -21,7 +21,7 @@ import jax
 
 from benchmarks.common import emit, machine_info, profile_kernels
 from benchmarks.grad_step import update_step
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 
 
 def kernel_category(op_name: str, kernel: str, shape: str) -> str:
@@ -33,7 +33,9 @@ def kernel_category(op_name: str, kernel: str, shape: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--calls", type=positive_int, default=3)
     parser.add_argument("--top", type=positive_int, default=25, help="categories to print")

@@ -23,7 +23,7 @@ import sys
 import time
 
 from benchmarks.common import machine_info, time_call
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 
 PAPER_TRANSITIONS = 1e8
 PAPER_GRAD_STEPS = 640_000
@@ -126,7 +126,9 @@ def measure(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config", default="small")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--devices", type=positive_int, nargs="+", default=[1])

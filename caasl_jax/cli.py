@@ -11,6 +11,7 @@ caasl envs [--d 10]
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -21,13 +22,24 @@ from caasl_jax.checks import CheckpointError
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Help that ends each option's text with its default, unless it has none (None,
-    an empty list, an off flag) or the text already names it."""
+    an empty list, an off flag) or the text already names it; an option without help
+    text shows its default alone."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        default = action.default
+        no_default = default is None or default is False or default in ([], argparse.SUPPRESS)
+        return bool(action.option_strings) and not no_default
+
+    def _format_action(self, action):
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)  # argparse prints no help line for help=None
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
         text = action.help or ""
-        default = action.default
-        no_default = default is None or default is False or default in ([], argparse.SUPPRESS)
-        if no_default or not action.option_strings or "default" in text:
+        if not self._shows_default(action) or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
 

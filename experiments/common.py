@@ -26,7 +26,7 @@ import yaml
 
 from caasl_jax import compile_cache
 from caasl_jax.checks import check_positive_int
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.plots import METRIC_LABELS
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +90,10 @@ def final_step_table(results: dict, metrics=("return", "shd", "auprc", "edge_f1"
 
 
 def parse_args(name: str, argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=f"paper experiment {name} (configs/{name}.yaml)")
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        description=f"paper experiment {name} (configs/{name}.yaml)",
+    )
     parser.add_argument("--policy", help="trained policy: run dir, policy file or shipped name")
     parser.add_argument("--baselines", nargs="*", help="replace the config's baselines")
     parser.add_argument(

@@ -19,12 +19,14 @@ from caasl_jax.baselines.posterior import (
     use_fast_gies,
 )
 from caasl_jax.baselines.runner import check_supported
-from caasl_jax.cli import positive_int
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.envs import make_env
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     p.add_argument("--env", default="linear-ood-shift-d10")
     p.add_argument("--n-envs", type=positive_int, default=4)
     args = p.parse_args(argv)

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from caasl_jax.cli import DefaultsHelpFormatter
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 FIGURES = (
@@ -103,7 +105,9 @@ def replace_in_readme(table: str, readme: Path = README) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = parser.parse_args(argv)
     table = results_table(*load_results())

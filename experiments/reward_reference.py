@@ -31,6 +31,7 @@ import numpy as np
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, use_fast_gies
 from caasl_jax.baselines.runner import check_supported
 from caasl_jax.checks import file_path_problem
+from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.envs.core import History
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward import load_reward_model
@@ -80,10 +81,12 @@ def reference_table(env_name: str, weights: str, n_envs: int, seed: int, n_parti
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0]
+    )
     p.add_argument("--env", default="linear-d10", help="a linear-Gaussian env (GIES needs one)")
     p.add_argument("--weights", default="linear-d10", help="a shipped name or a weights file")
-    p.add_argument("--n-envs", type=int, default=100)
+    p.add_argument("--n-envs", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=12345, help="the model card's --eval-seed")
     p.add_argument("--particles", type=int, default=30)
     p.add_argument(

@@ -1,5 +1,6 @@
 """The fused training step, the host loop, checkpoints and resume, configs and the CLI."""
 
+import argparse
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import yaml
 
 from caasl_jax import train as train_lib
 from caasl_jax.checks import CheckpointError
+from caasl_jax.cli import DefaultsHelpFormatter
 from caasl_jax.cli import main as cli_main
 from caasl_jax.config import TrainConfig, from_dict, load_config, to_dict
 
@@ -289,6 +291,18 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys, monkeypatch):
     # drops the first run's points from there
     assert purge_steps == [None, 3]
     assert cli_main(["train", "--config", str(config_file), "--set", "batch_size=-3"]) == 2
+
+
+def test_help_shows_each_default_also_without_help_text():
+    parser = argparse.ArgumentParser(prog="x", formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.1, help="step size")
+    parser.add_argument("--out", help="folder")
+    parser.add_argument("--flag", action="store_true")
+    text = parser.format_help()
+    assert re.search(r"--repeats REPEATS\s+default: 3\n", text)
+    assert "step size (default: 0.1)" in text
+    assert re.search(r"--out OUT\s+folder\n", text) and text.count("default") == 2
 
 
 def test_cli_refuses_bad_counts_before_any_work(tmp_path, capsys):
