@@ -18,12 +18,13 @@ for name in "${PACKAGES[@]}"; do
     || { echo "gpu_wheels: $name is not installed in $PY (run scripts/setup.sh first)" >&2; exit 2; }
   pins+=("$name==$version")
 done
-rm -rf .whl && mkdir -p .whl
+fresh=$(mktemp -d)  # .whl is replaced only after every download succeeded
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${tag}_x86_64")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp "${platforms[@]}" -d .whl "${pins[@]}"
+  --implementation cp "${platforms[@]}" -d "$fresh" "${pins[@]}"
+rm -rf .whl && mv "$fresh" .whl
 ls -l .whl
 du -sh .whl

@@ -49,8 +49,8 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     assert len(files) <= 8 and all((out / f).is_file() for f in files)
     plan = json.loads((out / "calibration.json").read_text())
     assert plan["steps"] > 0 and plan["steps"] % plan["steps_per_call"] == 0
-    heldout = json.loads((out / "heldout.json").read_text())
-    assert heldout["eval_envs"] == 100 and 0 < heldout["expected_correct"] <= 100
+    best = json.loads((out / "heldout.json").read_text())  # the log's best row
+    assert 0 < best["eval_expected_correct"] <= 100 and 0 < best["step"] <= plan["steps"]
     assert (out / "linear-d10-gpu.msgpack").stat().st_size > 0
     with tarfile.open(out / "run.tar") as tar:
         assert "reward-gpu/run.json" in tar.getnames()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,25 @@ def test_output_shapes_probabilities_and_diagonal(params):
     assert np.all((off > 0) & (off < 1))
     no_mask = AviciConfig(**{**CFG.to_dict(), "mask_diag": False})
     assert np.all(np.diag(edge_probs(params, data, None, no_mask)) > 0)
+
+
+def _dot_precisions(fn, *args) -> set[str]:
+    """The operand precisions of every dot in fn's StableHLO (none written = DEFAULT)."""
+    hlo = jax.jit(fn).lower(*args).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert dots
+    found = (re.search(r"precision = \[(\w+), (\w+)\]", line) for line in dots)
+    return {name for m in found for name in (m.groups() if m else ("DEFAULT",))}
+
+
+def test_edge_probs_multiply_in_full_float32_under_any_default(params):
+    # GPUs default to TF32 (and bf16 contexts to one bf16 pass); the reward must not
+    data = _history(jax.random.key(2), 12, 5)
+    with jax.default_matmul_precision("bfloat16"):
+        probs = _dot_precisions(lambda p, x: edge_probs(p, x, None, CFG), params, data)
+        logits = _dot_precisions(lambda p, x: edge_logits(p, x, None, CFG), params, data)
+    assert probs == {"HIGHEST"}
+    assert logits == {"DEFAULT"}  # training keeps the backend's fast default
 
 
 @pytest.mark.parametrize("cfg", [CFG, COUNT_CFG], ids=["zscore", "log2_cpm"])
