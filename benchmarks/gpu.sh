@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The issue-7 figures on one GPU, in about 6 minutes (prepared for an H200; run from
-# the repository root):
+# The issue-7 figures on one GPU, in at most 5 minutes (prepared for an H200; run
+# from the repository root):
 #     bash benchmarks/gpu.sh            # JSON under $OUT, else benchmarks/results/gpu/
-# Time limits: 180 s (float32 steps) + 120 s (bf16) + 200 s (paper iteration) = 500 s
-# at most, plus start-up; each measurement is a fresh process (start-up, compile), so
-# expect ~6 minutes. The paper batch is measured first. A step sweep cut short keeps
-# the rows it finished (grad_step --rows); the script exits 1 if summary.json lacks
-# any measurement.
+# Time limits: 120 s (float32 steps) + 75 s (bf16) + 100 s (paper iteration) = 295 s,
+# plus ~10 s of start-up; each measurement is a fresh process (start-up, compile).
+# The paper batch is measured first. A step sweep cut short keeps the rows it
+# finished (grad_step --rows); the script exits 1 if summary.json lacks any
+# measurement.
 # Records: the paper-size gradient step at minibatch 4,096 and 256 and action sampling
 # for 1,000 histories in float32, the step at 4,096 and the sampling with bfloat16
 # matmuls; the paper configuration's stages (a rollout of 1,000 envs x 10 steps with
@@ -36,7 +36,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
               --set warmup_episodes=8 --set replay_episodes=64)
 else
   F32_BATCHES="4096 256"; BF16_BATCHES="4096"; ACT=1000
-  F32_LIMIT=180; BF16_LIMIT=120; TRAIN_LIMIT=200
+  F32_LIMIT=120; BF16_LIMIT=75; TRAIN_LIMIT=100
   TRAIN_SETS=(--set warmup_episodes=1000 --set replay_episodes=100000
               --set updates_per_iteration=8)
 fi
