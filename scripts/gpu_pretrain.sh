@@ -3,17 +3,19 @@
 # issue 4 asks for its shipped weights (prepared for an H200 lease; run from the
 # repository root):
 #     bash scripts/gpu_pretrain.sh          # results under $OUT, else runs/gpu-pretrain/
-# Settings (environment variables): PRETRAIN_ENV (linear-d10), TRAIN_S (180: seconds
-# of the training loop, its compilation included; start-up, the calibration (~1-2
-# min) and the final save come on top), RUN_DIR (runs/reward-<env>-gpu),
-# QUICK=1 (a toy model for ~1 minute, a smoke test of this script on a CPU).
+# Settings (environment variables): DEADLINE_S (400: the whole script ends within it,
+# so a device call with timeout_s 420 always returns its files), PRETRAIN_ENV
+# (linear-d10), RUN_DIR (runs/reward-<env>-gpu), QUICK=1 (a toy model, a smoke test
+# of this script on a CPU in about a minute).
 #
-# Steps: (1) a calibration run of 6 compiled calls (in a temporary folder) measures
-# the step rate and the compile time; (2) the real run gets as many steps as fit in
-# TRAIN_S (warm-up 10%, cosine decay to the end), with --time-limit TRAIN_S as a
-# guard; (3) the best weights are those with the most expected correct entries on the
-# 100 held-out systems of the model card (--eval-seed 12345), evaluated along the way.
-# A run cut short (TRAIN_S ran out before its schedule ended, or the call was killed
+# Steps: (1) a calibration run of 6 compiled calls (in a temporary folder, at most
+# 150 s) measures the step rate and the compile time; (2) the real run trains until
+# 40 s before the deadline (that is kept for its last checkpoint, the archive and the
+# summary), with as many steps as fit (warm-up 10%, cosine decay to the end) and
+# --time-limit as a guard; (3) the best weights are those with the most expected
+# correct entries on the 100 held-out systems of the model card (--eval-seed 12345),
+# evaluated along the way.
+# A run cut short (its time ran out before its schedule ended, or the call was killed
 # after a checkpoint) resumes on a later lease: carry RUN_DIR back and rerun; the
 # calibration is skipped and the run keeps its own schedule. A finished run only
 # re-exports its weights.
@@ -22,7 +24,7 @@
 #   <env>-gpu.msgpack  best weights by held-out expected correct entries
 #   heldout.json       the log's row of those weights (held-out metrics, step, time)
 #   log.jsonl          the run's evaluations (step, time, loss, held-out metrics)
-#   run.tar            the whole run folder (orbax checkpoint included), to resume:
+#   run.tar            the run folder with its latest checkpoint, to resume:
 #                      tar -xf run.tar -C runs/ and carry runs/reward-<env>-gpu
 #   train.log, calibration.log   what the two pretraining calls printed
 #   calibration.json   the measured rate and the chosen step count
@@ -32,32 +34,39 @@ ENV_NAME=${PRETRAIN_ENV:-linear-d10}
 OUT_DIR=${OUT:-runs/gpu-pretrain}
 RUN_DIR=${RUN_DIR:-runs/reward-$ENV_NAME-gpu}
 if [[ "${QUICK:-0}" == 1 ]]; then
-  TRAIN_S=${TRAIN_S:-40}; PER_CALL=5; EVAL_ENVS=10
+  DEADLINE_S=${DEADLINE_S:-90}; RESERVE_S=10; PER_CALL=5; EVAL_ENVS=10
   MODEL=(--dim 16 --layers 1 --heads 2 --key-size 8 --widening 2 --batch 8 --lr 1e-3)
 else
-  TRAIN_S=${TRAIN_S:-180}; PER_CALL=50; EVAL_ENVS=100
+  DEADLINE_S=${DEADLINE_S:-400}; RESERVE_S=40; PER_CALL=50; EVAL_ENVS=100
   # 410,818 parameters (1.6 MB of weights): 8x the CPU-trained model, 10% of AVICI's
   MODEL=(--dim 64 --layers 4 --heads 8 --key-size 8 --widening 4 --batch 128 --lr 1e-3)
 fi
+train_seconds_left() {  # of the deadline, after the reserve; never under 10
+  local left=$((DEADLINE_S - SECONDS - RESERVE_S))
+  echo $((left > 10 ? left : 10))
+}
 mkdir -p "$OUT_DIR" "$(dirname "$RUN_DIR")"
 source scripts/gpu_site.sh
 PRETRAIN=(python3 -m caasl_jax.reward.pretrain --env "$ENV_NAME" "${MODEL[@]}"
           --steps-per-call "$PER_CALL" --no-progress)
+
 if [[ -f "$RUN_DIR/run.json" ]]; then
-  read -r STEPS WARMUP EVERY < <(python3 - "$RUN_DIR" <<'PY'
+  plan=$(python3 - "$RUN_DIR" <<'PY'
 import json, sys
-argv = json.load(open(f"{sys.argv[1]}/run.json"))["argv"]
+argv = json.load(open(f"{sys.argv[1]}/run.json"))["argv"]  # the run's own command
 value = lambda flag: argv[argv.index(flag) + 1]
 print(value("--steps"), value("--warmup"), value("--eval-every"))
 PY
 )
+  read -r STEPS WARMUP EVERY <<< "$plan"
   echo "resuming $RUN_DIR: $STEPS steps"
 else
   calib=$(mktemp -d)
-  timeout 240 "${PRETRAIN[@]}" --out "$calib" --steps $((6 * PER_CALL)) \
+  trap 'rm -rf "$calib"' EXIT
+  timeout 150 "${PRETRAIN[@]}" --out "$calib" --steps $((6 * PER_CALL)) \
     --eval-every $((3 * PER_CALL)) --ckpt-every $((6 * PER_CALL)) --eval-envs 10 \
     > "$OUT_DIR/calibration.log" 2>&1 || { cat "$OUT_DIR/calibration.log"; exit 1; }
-  read -r STEPS WARMUP EVERY < <(python3 - "$calib/log.jsonl" "$PER_CALL" "$TRAIN_S" \
+  plan=$(python3 - "$calib/log.jsonl" "$PER_CALL" "$(train_seconds_left)" \
     "$OUT_DIR/calibration.json" <<'PY'
 import json, sys
 from caasl_jax.jsonl import read_rows
@@ -67,22 +76,31 @@ json.dump(plan, open(sys.argv[4], "w"), indent=2)
 print(plan["steps"], plan["warmup"], plan["eval_every"])
 PY
 )
+  read -r STEPS WARMUP EVERY <<< "$plan"
   echo "calibrated: $STEPS steps (warm-up $WARMUP, evaluation every $EVERY)"
 fi
-[[ -n "${EVERY:-}" ]] || { echo "no step plan for $RUN_DIR (see the lines above)" >&2; exit 1; }
 
 status=0
 "${PRETRAIN[@]}" --out "$RUN_DIR" --steps "$STEPS" --warmup "$WARMUP" \
-  --eval-every "$EVERY" --ckpt-every "$EVERY" --eval-envs "$EVAL_ENVS" --time-limit "$TRAIN_S" \
-  --export "$OUT_DIR/$ENV_NAME-gpu.msgpack" --overwrite \
+  --eval-every "$EVERY" --ckpt-every "$EVERY" --eval-envs "$EVAL_ENVS" \
+  --time-limit "$(train_seconds_left)" --export "$OUT_DIR/$ENV_NAME-gpu.msgpack" --overwrite \
   2>&1 | tee "$OUT_DIR/train.log" || status=$?
-# whatever happened, bring back what the run holds (its checkpoints above all)
+# whatever happened, bring back what the run holds: its latest checkpoint above all
 cp "$RUN_DIR/log.jsonl" "$OUT_DIR/log.jsonl" 2> /dev/null || true
-tar -cf "$OUT_DIR/run.tar" -C "$(dirname "$RUN_DIR")" "$(basename "$RUN_DIR")" || status=1
+name=$(basename "$RUN_DIR")
+older=()  # orbax keeps two checkpoints; the archive needs the latest only
+if [[ -d "$RUN_DIR/ckpt" ]]; then
+  mapfile -t steps < <(find "$RUN_DIR/ckpt" -mindepth 1 -maxdepth 1 -regex '.*/[0-9]+' \
+    -printf '%f\n' | sort -n)
+  for step in "${steps[@]:0:${#steps[@]}-1}"; do older+=(--exclude "$name/ckpt/$step"); done
+fi
+tar -cf "$OUT_DIR/run.tar" "${older[@]}" -C "$(dirname "$RUN_DIR")" "$name" || status=1
 python3 - "$OUT_DIR/log.jsonl" "$OUT_DIR/heldout.json" <<'PY' || status=1
 import json, sys
 from caasl_jax.jsonl import read_rows
 rows = read_rows(sys.argv[1])
+if not rows:
+    sys.exit(f"{sys.argv[1]}: no evaluation was logged (see train.log)")
 best = max(rows, key=lambda r: r["eval_expected_correct"])
 json.dump(best, open(sys.argv[2], "w"), indent=2)
 print(json.dumps(best, indent=2))

@@ -9,8 +9,9 @@
 # lacks distrax and its tfp-nightly (with decorator, gast, dm-tree) and tensorboardX.
 # Versions are those this checkout's .venv runs (what CI tests), about 7 MB in all.
 set -euo pipefail
+PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+[[ $PY == /* ]] || PY=$PWD/$PY  # the interpreter as given (a venv's link stays a link)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
 PACKAGES=(distrax tfp-nightly decorator gast dm-tree tensorboardX)
 pins=()
 for name in "${PACKAGES[@]}"; do
@@ -19,12 +20,13 @@ for name in "${PACKAGES[@]}"; do
   pins+=("$name==$version")
 done
 fresh=$(mktemp -d)  # .whl is replaced only after every download succeeded
+trap 'rm -rf "$fresh"' EXIT
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${tag}_x86_64")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d "$fresh" "${pins[@]}"
-rm -rf .whl && mv "$fresh" .whl
+rm -rf .whl && mv "$fresh" .whl && chmod 755 .whl
 ls -l .whl
 du -sh .whl

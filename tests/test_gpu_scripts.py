@@ -25,7 +25,7 @@ def _run_script(tmp_path: Path) -> subprocess.CompletedProcess:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "JAX_PLATFORMS": "cpu",
         "QUICK": "1",
-        "TRAIN_S": "8",
+        "DEADLINE_S": "45",
         "OUT": str(tmp_path / "out"),
         "RUN_DIR": str(tmp_path / "runs" / "reward-gpu"),
     }
@@ -49,13 +49,37 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     assert len(files) <= 8 and all((out / f).is_file() for f in files)
     plan = json.loads((out / "calibration.json").read_text())
     assert plan["steps"] > 0 and plan["steps"] % plan["steps_per_call"] == 0
-    best = json.loads((out / "heldout.json").read_text())  # the log's best row
-    assert 0 < best["eval_expected_correct"] <= 100 and 0 < best["step"] <= plan["steps"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    best = json.loads((out / "heldout.json").read_text())
+    assert best == max(log, key=lambda r: r["eval_expected_correct"])
+    assert 0 < best["step"] <= plan["steps"]
     assert (out / "linear-d10-gpu.msgpack").stat().st_size > 0
     with tarfile.open(out / "run.tar") as tar:
-        assert "reward-gpu/run.json" in tar.getnames()
+        names = tar.getnames()
+    assert "reward-gpu/run.json" in names
+    checkpoints = {n.split("/")[2] for n in names if n.startswith("reward-gpu/ckpt/")}
+    assert len(checkpoints) == 1  # the latest only (the run folder keeps two)
 
     second = _run_script(tmp_path)  # the run folder is there: resume, no calibration
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming {tmp_path / 'runs' / 'reward-gpu'}: {plan['steps']} steps" in second.stdout
     assert "calibrated" not in second.stdout
+
+
+def test_gpu_scripts_stop_when_jax_sees_no_gpu(tmp_path):
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    env.pop("QUICK", None)
+    done = subprocess.run(
+        ["bash", "-c", "set -e; source scripts/gpu_site.sh; echo measured"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "measured" not in done.stdout
+    assert "no GPU: JAX runs on cpu" in done.stderr

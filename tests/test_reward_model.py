@@ -81,7 +81,15 @@ def test_edge_probs_multiply_in_full_float32_under_any_default(params):
         probs = _dot_precisions(lambda p, x: edge_probs(p, x, None, CFG), params, data)
         logits = _dot_precisions(lambda p, x: edge_logits(p, x, None, CFG), params, data)
     assert probs == {"HIGHEST"}
-    assert logits == {"DEFAULT"}  # training keeps the backend's fast default
+    assert logits == {"DEFAULT"}  # training follows the context (here one bf16 pass)
+
+
+def test_full_float32_edge_probs_are_bit_identical_on_cpu(params):
+    data = _history(jax.random.key(3), 12, 5)
+    probs = jax.jit(lambda p, x: edge_probs(p, x, None, CFG))(params, data)
+    logits = jax.jit(lambda p, x: edge_logits(p, x, None, CFG))(params, data)
+    expected = jnp.where(jnp.eye(5, dtype=bool), 0.0, jax.nn.sigmoid(logits))
+    np.testing.assert_array_equal(np.asarray(probs), np.asarray(expected))
 
 
 @pytest.mark.parametrize("cfg", [CFG, COUNT_CFG], ids=["zscore", "log2_cpm"])

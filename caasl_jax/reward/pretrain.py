@@ -429,7 +429,8 @@ def plan_for_budget(log_rows: list[dict], calls_between: int, steps_per_call: in
 
     log_rows: the calibration's log.jsonl rows, evaluated after `calls_between` and
     2 * `calls_between` compiled calls (their time_s counts from the start, so the first
-    holds the compilation). Keeps 10% of the budget for the run's evaluations.
+    holds the compilation). Of the budget left after compiling, 10% is kept for the
+    run's evaluations.
     Returns {"call_s", "compile_s", "steps", "warmup" (10%), "eval_every" (a tenth of
     the run, a multiple of steps_per_call)} plus the inputs.
     """
