@@ -18,24 +18,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_script(tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        # python3 in the script must be this interpreter (the project's venv)
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "JAX_PLATFORMS": "cpu",
-        "QUICK": "1",
-        "DEADLINE_S": "45",
-        "OUT": str(tmp_path / "out"),
-        "RUN_DIR": str(tmp_path / "runs" / "reward-gpu"),
-    }
+def _run_bash(command: list[str], **settings: str) -> subprocess.CompletedProcess:
+    """Run a bash command from the repository root on the CPU, with these environment
+    variables; python3 in it is this interpreter (the project's venv)."""
+    env = {k: v for k, v in os.environ.items() if k != "QUICK"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env.update(JAX_PLATFORMS="cpu", **settings)
     return subprocess.run(
-        ["bash", "scripts/gpu_pretrain.sh"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ["bash", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _run_script(tmp_path: Path) -> subprocess.CompletedProcess:
+    return _run_bash(
+        ["scripts/gpu_pretrain.sh"],
+        QUICK="1",
+        DEADLINE_S="45",
+        OUT=str(tmp_path / "out"),
+        RUN_DIR=str(tmp_path / "runs" / "reward-gpu"),
     )
 
 
@@ -66,20 +66,7 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     assert "calibrated" not in second.stdout
 
 
-def test_gpu_scripts_stop_when_jax_sees_no_gpu(tmp_path):
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    env.pop("QUICK", None)
-    done = subprocess.run(
-        ["bash", "-c", "set -e; source scripts/gpu_site.sh; echo measured"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_gpu_scripts_stop_when_jax_sees_no_gpu():
+    done = _run_bash(["-c", "set -e; source scripts/gpu_site.sh; echo measured"])
     assert done.returncode == 2 and "measured" not in done.stdout
     assert "no GPU: JAX runs on cpu" in done.stderr
