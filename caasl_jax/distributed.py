@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,8 +122,9 @@ def validate(settings: Settings) -> None:
             f"{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); got coordinator={s.coordinator!r}, "
             f"num_processes={s.num_processes}, process_id={s.process_id}"
         )
-    if ":" not in s.coordinator:
-        raise ValueError(f"coordinator must be host:port, got {s.coordinator!r}")
+    host, _, port = s.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator must be host:port (port 1-65535), got {s.coordinator!r}")
     if s.num_processes < 1 or not 0 <= s.process_id < s.num_processes:
         raise ValueError(
             f"need num_processes >= 1 and 0 <= process_id < num_processes, got "
@@ -152,6 +154,8 @@ def initialize(
         jax.config.update("jax_num_cpu_devices", settings.local_device_count)
     if not settings.multi_process:
         return False
+    if settings.process_id == 0:
+        check_coordinator_port_free(settings.coordinator)
     # only affects the CPU client: cross-process psum/all-gather between CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # JAX writes the persistent compilation cache from process 0 only, and the other
@@ -168,6 +172,30 @@ def initialize(
             process_id=settings.process_id,
         )
     return True
+
+
+def check_coordinator_port_free(coordinator: str) -> None:
+    """ValueError if the port of `coordinator` ("host:port") is already listened on here.
+
+    Process 0 starts the coordinator service on that port. A second process 0 (a
+    duplicate --process-id 0, or a run still alive from before) used to make both
+    processes wait for JAX's 300 s registration timeout and then abort with a native
+    stack trace; this check names the problem before anything starts.
+    """
+    port = int(coordinator.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: a port left in TIME_WAIT by a finished run is free to use;
+        # only a listening socket makes the bind fail
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ValueError(
+                f"coordinator port {port} is already in use on this machine ({error.strerror}):"
+                " another process 0 of a run (a duplicate --process-id 0 or CAASL_PROCESS_ID=0,"
+                " or an earlier run still alive) or another program holds it; stop it or pick"
+                " a free port for --coordinator"
+            ) from None
 
 
 def is_primary() -> bool:

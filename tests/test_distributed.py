@@ -337,6 +337,9 @@ def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
         ({"coordinator": "h:1"}, {}, "needs all of coordinator, num_processes and process_id"),
         ({}, {"CAASL_PROCESS_ID": "0"}, "needs all of"),
         ({"coordinator": "h", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+        ({"coordinator": "h:port", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+        ({"coordinator": ":1234", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+        ({"coordinator": "h:70000", "num_processes": 2, "process_id": 0}, {}, "port 1-65535"),
         ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id <"),
         ({}, {"CAASL_NUM_PROCESSES": "two"}, "CAASL_NUM_PROCESSES must be an integer"),
         ({"local_device_count": 0}, {}, "local device count must be >= 1"),
@@ -352,3 +355,23 @@ def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
 def test_bad_settings_fail_clearly(kwargs, environ, message):
     with pytest.raises(ValueError, match=message):
         distributed.resolve_settings(**kwargs, environ=environ)
+
+
+def test_second_process_zero_is_refused_while_the_port_is_taken():
+    """A duplicate process 0 used to wait 300 s for JAX's registration timeout, then
+    abort with a native stack trace."""
+    with socket.socket() as holder:  # stands in for the first process 0's coordinator
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAASL_")}
+        env["JAX_PLATFORMS"] = "cpu"
+        result = subprocess.run(
+            [sys.executable, "-c", "from caasl_jax.cli import console_main; console_main()",
+             "train", "--config", "small", "--run-dir", "unused",
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"coordinator port {port} is already in use" in result.stderr
+    assert not (Path(ROOT) / "unused").exists()
