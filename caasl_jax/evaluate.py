@@ -582,12 +582,18 @@ def write_results(out: str | Path, results: dict, meta: dict) -> tuple[Path, Pat
 
 def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> None:
     """Before any work: refuse an --out (or a --checkpoint-dir) that is a file or lies
-    under one, and a non-empty --out unless told to overwrite."""
+    under one, an --out that holds a training or reward-pretraining run (its run.json)
+    even with overwrite, and a non-empty --out unless told to overwrite."""
     out = Path(out)
     for option, path in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
         blocking = None if path is None else file_in_the_way(path)
         if blocking is not None:
             where = "is a file" if blocking == Path(path) else f"lies under {blocking}, a file"
             raise FileExistsError(f"{option} {path} {where}; give a folder")
+    if (out / "run.json").is_file():
+        raise FileExistsError(
+            f"--out {out} holds a run (it has run.json); evaluation results go in a folder "
+            "of their own, e.g. --out " + str(out.with_name(out.name + "-eval"))
+        )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

@@ -159,6 +159,12 @@ def test_policy_file_round_trip_and_errors(tiny_run, tmp_path, capsys):
     assert cli_main(["evaluate", "--policy", str(run), *common, "--out", str(out_run)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (out_run / "results.json").read_text() == before
+    # a run folder is never an --out, not even with --overwrite
+    run_files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert cli_main(["evaluate", "--policy", str(run), *common, "--out", str(run),
+                     "--overwrite"]) == 2  # fmt: skip
+    assert "holds a run (it has run.json)" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == run_files
 
 
 def test_suite_rejects_bad_input_before_any_work(tiny_run, tmp_path):
