@@ -1,5 +1,7 @@
 """The linear-SCM environments, their priors and the registry."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -287,12 +289,54 @@ def test_numpy_integer_sizes_become_python_ints():
     assert ranges.basal_range == (1.0, 2.0) and ranges.interaction_range == (1.0, 4.0)
 
 
-def test_a_prior_setting_can_be_traced():
-    def weights(mean):
-        env = LinearSCMEnv(d=4, weight_mean=mean, edges_per_node=1.0)
-        return env.sample_params(jax.random.key(0)).weights
+def test_numpy_scalar_settings_become_python_numbers():
+    """np.float32 / np.int64 settings from a NumPy sweep used to be refused."""
+    env = make_env("linear-ood-hetero-d5", value_scale=np.float32(2.0), noise_rate=np.int64(2),
+                   fourier_features=np.int64(50), heteroskedastic=np.bool_(True))  # fmt: skip
+    plain = make_env("linear-ood-hetero-d5", value_scale=2.0, noise_rate=2, fourier_features=50)
+    assert env == plain and hash(env) == hash(plain)
+    assert type(env.value_scale) is float and type(env.fourier_features) is int
+    sergio = make_env("sergio-d5", n_cell_types=np.int64(5), langevin_steps=np.int32(5),
+                      hill=np.float32(2.0))  # fmt: skip
+    assert sergio == make_env("sergio-d5", hill=2.0) and type(sergio.n_cell_types) is int
 
-    assert jax.vmap(weights)(jnp.array([0.0, 0.5])).shape == (2, 4, 4)
+
+@pytest.mark.parametrize(
+    "name, field",
+    [("linear-d4", "weight_mean"), ("linear-d4", "value_scale"), ("linear-d4", "noise_rate"),
+     ("linear-ood-hetero-d4", "fourier_length_scale"),
+     ("linear-ood-hetero-d4", "fourier_output_scale")],
+)  # fmt: skip
+def test_continuous_prior_settings_can_be_traced(name, field):
+    env = make_env(name)
+
+    def episode(value, key):
+        traced = dataclasses.replace(env, **{field: value})
+        params = traced.sample_params(key)
+        _, state = traced.reset(key, params)
+        return traced.step(key, state, jnp.ones(traced.action_dim), params)[0].data
+
+    data = jax.vmap(episode)(jnp.array([0.5, 2.0]), jax.random.split(jax.random.key(0), 2))
+    assert data.shape == (2, env.n_rows, 4, 2) and bool(jnp.all(jnp.isfinite(data)))
+
+
+@pytest.mark.parametrize(
+    "name, field", [("linear-d4", "edges_per_node"), ("linear-d4", "noise_concentration"),
+                    ("sergio-d4", "hill")],
+)  # fmt: skip
+def test_a_traced_static_setting_is_named(name, field):
+    env = make_env(name)
+    with pytest.raises(ValueError, match=f"{field} is a static setting and cannot be traced"):
+        jax.vmap(lambda v: dataclasses.replace(env, **{field: v}))(jnp.array([1.0, 2.0]))
+
+
+def test_a_state_of_another_environment_is_named(env):
+    longer = LinearSCMEnv(d=D, n0=20, budget=3)
+    params = longer.sample_params(jax.random.key(0))
+    _, state = longer.reset(jax.random.key(1), params)
+    message = rf"state.history must have shape \({env.n_rows}, {D}, 2\)"
+    with pytest.raises(ValueError, match=message):
+        env.step(jax.random.key(2), state, jnp.zeros(2 * D), params)
 
 
 def test_params_of_another_d_or_a_batch_are_named(env):

@@ -148,11 +148,14 @@ class Environment:
         """Perform the design `action` (f32[action_dim] in [-1, 1]) and record k rows.
 
         Returns (history, state, reward, done, info). Stepping past the budget is a
-        no-op on the history (the rows would not fit) and gives reward 0.
+        no-op on the history (the rows would not fit) and gives reward 0. Actions are
+        used as given, not clipped: a value outside [-1, 1] leaves the prior's range of
+        intervention values (a tanh-squashed policy, as CAASL's, stays inside it).
         """
         action = jnp.asarray(action)
         self.check_action(action)
         self.check_params(params)
+        self.check_state(state)
         values, targets = self._design_rows(key, action, params)
         in_budget = state.step < self.budget
         history = append_rows(state.history, values, targets, enabled=in_budget)
@@ -168,6 +171,16 @@ class Environment:
             raise ValueError(
                 f"{type(self).__name__}: action must have shape ({self.action_dim},) for "
                 f"d={self.d}, got {tuple(action.shape)}; vmap the step over a batch"
+            )
+
+    def check_state(self, state: EnvState) -> None:
+        """The state of ONE episode of this environment: history f32[n_rows, d, 2]."""
+        shape = tuple(jnp.shape(state.history.data))
+        if shape != (self.n_rows, self.d, 2):
+            raise ValueError(
+                f"{type(self).__name__}: state.history must have shape ({self.n_rows}, "
+                f"{self.d}, 2) (n0 + budget * samples_per_step rows), got {shape}; a state "
+                "of another environment, or a batch (vmap over it)"
             )
 
     def check_params(self, params: Any) -> None:
@@ -203,10 +216,35 @@ class Environment:
         return history, actions, rewards
 
 
+def settings_as_python_numbers(env: Environment, traceable: tuple[str, ...] = ()) -> None:
+    """Replace NumPy scalars (np.float32(2), np.int64(5), 0-d arrays) and concrete JAX
+    scalars among env's settings by Python numbers, so that values from a NumPy sweep
+    work and the environment stays a plain, hashable value (a static jit argument).
+
+    JAX arrays in the `traceable` fields are left as they are: those settings may be
+    traced (vmap or jit over a prior setting). Anywhere else a traced value raises a
+    ValueError that names the field.
+    """
+    name = type(env).__name__
+    for field in dataclasses.fields(env):
+        value = getattr(env, field.name)
+        if isinstance(value, jax.Array) and field.name in traceable:
+            continue
+        if isinstance(value, (np.generic, np.ndarray, jax.Array)) and np.ndim(value) == 0:
+            try:
+                value = value.item()
+            except jax.errors.ConcretizationTypeError:
+                raise ValueError(
+                    f"{name}: {field.name} is a static setting and cannot be traced (vmap or "
+                    f"jit over it); settings that can: {', '.join(traceable) or 'none'}"
+                ) from None
+            object.__setattr__(env, field.name, value)  # frozen: set once, while being built
+
+
 def check_finite_numbers(env: Environment, fields: tuple[str, ...]) -> None:
     """Raise ValueError naming the first of `fields` that is not a finite real number
     (a string from a config file, a bool, NaN or inf would only fail later, unnamed).
-    JAX arrays pass unchecked: a setting may be traced (vmap over a prior setting)."""
+    JAX arrays (the traceable settings of `settings_as_python_numbers`) pass unchecked."""
     for field in fields:
         value = getattr(env, field)
         if isinstance(value, jax.Array):
@@ -218,18 +256,17 @@ def check_finite_numbers(env: Environment, fields: tuple[str, ...]) -> None:
             )
 
 
-def validate_common(env: Environment, real_fields: tuple[str, ...]) -> None:
+def validate_common(
+    env: Environment, real_fields: tuple[str, ...], traceable: tuple[str, ...] = ()
+) -> None:
     """Raise ValueError naming the first bad size (d, n0, budget, samples_per_step), the
     first of `real_fields` that is not a finite number, or a score_fn that is not
-    callable. NumPy integer sizes become Python ints, so sizes taken from a NumPy sweep
-    work and the environment stays a plain, hashable value."""
+    callable. NumPy and concrete JAX scalars become Python numbers first (see
+    `settings_as_python_numbers`; `traceable` fields may hold traced values)."""
     name = type(env).__name__
+    settings_as_python_numbers(env, traceable)
     for field, minimum in (("d", 2), ("n0", 1), ("budget", 0), ("samples_per_step", 1)):
-        value = getattr(env, field)
-        if isinstance(value, np.integer):
-            value = int(value)
-            object.__setattr__(env, field, value)  # frozen: set once, while being built
-        check_positive_int(name, field, value, minimum)
+        check_positive_int(name, field, getattr(env, field), minimum)
     check_finite_numbers(env, real_fields)
     if env.score_fn is not None and not callable(env.score_fn):
         raise ValueError(

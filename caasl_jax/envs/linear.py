@@ -40,6 +40,15 @@ _REAL_FIELDS = (
     "noise_concentration",
     "noise_rate",
 )
+# continuous prior settings that may be traced (vmap or jit over them); the others
+# decide shapes or Python control flow and must be numbers when the env is built
+_TRACEABLE_FIELDS = (
+    "weight_mean",
+    "value_scale",
+    "fourier_length_scale",
+    "fourier_output_scale",
+    "noise_rate",
+)
 
 
 @struct.dataclass
@@ -94,7 +103,7 @@ class LinearSCMEnv(Environment):
 
     def __post_init__(self):
         name = type(self).__name__
-        validate_common(self, _REAL_FIELDS)
+        validate_common(self, _REAL_FIELDS, _TRACEABLE_FIELDS)
         graph_problem = graph_prior_problem(self.graph_kind, self.edges_per_node)
         if graph_problem:
             raise ValueError(f"{name}: {graph_problem}")
@@ -109,6 +118,8 @@ class LinearSCMEnv(Environment):
             positive += ["fourier_features", "fourier_length_scale", "fourier_output_scale"]
         for field in positive:  # NaN and inf fail too: they would only surface as NaN data
             value = getattr(self, field)
+            if isinstance(value, jax.Array):  # traced: checked by whoever traces it
+                continue
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(f"{name}: {field} must be a finite number > 0, got {value!r}")
         if self.heteroskedastic and not isinstance(self.fourier_features, int):
