@@ -604,6 +604,7 @@ def train(
         total=config.host_calls, initial=calls_done, disable=not (progress and primary), unit="call"
     )
     eval_row: dict = {}
+    diverged = None
     with (
         _log_file(run.metrics, primary) as metrics_file,
         _log_file(run.evals, primary) as eval_file,
@@ -625,6 +626,9 @@ def train(
             }
             _log_scalars(writer, speed, rows[-1]["iteration"])
             metrics_file.flush()
+            diverged = first_divergence(rows)
+            if diverged is not None:  # nothing of this call is evaluated or saved
+                break
             if (call + 1) % config.eval_every == 0 or call + 1 == config.host_calls:
                 eval_row = {
                     "call": call,
@@ -663,6 +667,14 @@ def train(
 
         plot_training_curves(run.metrics, run.evals, run.plot)
     distributed.barrier("caasl-train-done")  # the plot exists when train() returns anywhere
+    if diverged is not None:
+        latest = manager.latest_step()
+        kept = f"call {latest}" if latest is not None else "none saved yet"
+        raise TrainingDiverged(
+            f"training diverged at {diverged}; nothing from that call was saved (latest "
+            f"checkpoint: {kept}), see {run.metrics}. Lower the learning rates or set "
+            "redq.max_grad_norm"
+        )
     best_step = best_manager.best_step()
     return {
         "run_dir": str(run.path),
@@ -674,6 +686,25 @@ def train(
         else {"eval_return": best_return, "iteration": best_step * config.iterations_per_call},
         "state": state,
     }
+
+
+class TrainingDiverged(ValueError):
+    """The losses, the temperature or the return became NaN or infinite. A ValueError
+    (the CLI's one-line error): the usual cause is a setting, e.g. a learning rate."""
+
+
+def first_divergence(rows: list[dict]) -> str | None:
+    """'iteration I: NAME is VALUE' for the first non-finite metric in one call's rows
+    (learner metrics count only where `updated`: before warm-up they are NaN by design),
+    or None."""
+    for row in rows:
+        for name, value in row.items():
+            learner = name not in ("return_mean", "replay_episodes", "call", "iteration")
+            if learner and not row["updated"]:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"iteration {row['iteration']}: {name} is {value}"
+    return None
 
 
 def _check_run_dir(run: RunDir, n_devices: int, *, resume: bool, overwrite: bool) -> None:

@@ -89,6 +89,10 @@ def test_sample_subset():
         ({"gamma": 1.5}, "gamma"),
         ({"tau": 0.0}, "tau"),
         ({"critic_lr": 0.0}, "critic_lr"),
+        ({"policy_lr": float("inf")}, "policy_lr must be a finite number > 0"),
+        ({"init_log_alpha": float("nan")}, "init_log_alpha must be a finite number"),
+        ({"target_entropy": float("-inf")}, "target_entropy must be a finite number"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number > 0"),
     ],
 )
 def test_bad_config(kw, match):

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -479,3 +481,32 @@ def test_cli_evaluate_policy_and_baselines(tiny, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     assert cli_main([*again_args[:-1], str(tmp_path / "bad2"), "--policy", "garbage"]) == 2
     assert not (tmp_path / "bad2").exists()
+
+
+def exploding_score(reward_params):
+    """A reward that turns infinite at the second design step (a broken reward model)."""
+
+    def score(history, graph):
+        return jnp.where(history.length > history.data.shape[0] - 2, jnp.inf, 0.0)
+
+    return score
+
+
+def test_a_run_that_diverges_stops_and_saves_nothing_of_it(tiny, tmp_path):
+    """Such a run used to go on to its end with NaN losses and save a NaN policy."""
+    _, data, _ = tiny
+    config = from_dict(TrainConfig, data)
+    run = tmp_path / "run"
+    with pytest.raises(train_lib.TrainingDiverged, match="diverged at iteration 1: return_mean"):
+        train_lib.train(config, run, progress=False, score_builder=exploding_score)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["return_mean"] is None
+    assert not any((run / "checkpoints").iterdir()) and not any((run / "best").iterdir())
+
+
+def test_divergence_counts_learner_metrics_only_after_warm_up():
+    warming = {"call": 0, "iteration": 1, "updated": 0.0, "critic_loss": math.nan,
+               "return_mean": 0.5, "replay_episodes": 8.0}  # fmt: skip
+    assert train_lib.first_divergence([warming]) is None
+    updated = {**warming, "iteration": 2, "updated": 1.0, "critic_loss": math.inf}
+    assert train_lib.first_divergence([warming, updated]) == "iteration 2: critic_loss is inf"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import chex
@@ -115,13 +116,20 @@ class REDQConfig:
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"REDQConfig: tau must be in (0, 1], got {self.tau!r}")
         for name in ("policy_lr", "critic_lr", "alpha_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"REDQConfig: {name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"REDQConfig: {name} must be a finite number > 0, got {getattr(self, name)!r}"
+                )
+        for name in ("init_log_alpha", "target_entropy"):  # NaN would only surface as NaN losses
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"REDQConfig: {name} must be a finite number, got {value!r}")
         if self.microbatch is not None:  # resolve(None) would start the JAX backend
             microbatch_lib.resolve(self.microbatch)  # raises on a bad value
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
             raise ValueError(
-                f"REDQConfig: max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}"
+                f"REDQConfig: max_grad_norm must be a finite number > 0 or None, got "
+                f"{self.max_grad_norm!r}"
             )
 
 
