@@ -46,6 +46,7 @@ from caasl_jax.agents.networks import CriticConfig, PolicyConfig
 from caasl_jax.agents.redq import REDQ, REDQState
 from caasl_jax.checks import CheckpointError
 from caasl_jax.config import TrainConfig, from_dict, read_yaml_mapping, to_dict
+from caasl_jax.digest import check_digest, record_digest
 from caasl_jax.envs.core import Environment, empty_history
 from caasl_jax.envs.registry import make_env
 from caasl_jax.evaluate import agent_policy, heldout_params, random_policy, rollout_episodes
@@ -516,16 +517,19 @@ def _restore(manager, step: int, template, shardings):
 def restore_step(manager, step: int, target):
     """Checkpoint `step` of an orbax manager, restored into the structure, shapes and
     placement of `target` (arrays or ShapeDtypeStructs). A damaged checkpoint raises a
-    CheckpointError that names it, instead of orbax's own exception."""
+    CheckpointError that names it, instead of orbax's own exception; so does one whose
+    contents differ from the digest recorded when it was saved (`caasl_jax.digest`)."""
     import orbax.checkpoint as ocp
 
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as error:  # orbax raises many types for a damaged checkpoint
         raise CheckpointError(
             f"checkpoint {step} under {manager.directory} is unreadable, or was written "
             f"for other settings (network sizes, env, devices): {_first_line(error)}"
         ) from error
+    check_digest(manager, step, restored)  # damage that orbax reads without complaint
+    return restored
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:
@@ -640,12 +644,16 @@ def train(
                 _log_scalars(writer, eval_row, eval_row["iteration"])
                 if eval_row["eval_return"] > best_return:
                     best_return = eval_row["eval_return"]
+                    # digest first: a crash between the two must not leave a digest of
+                    # an earlier save under this step (a resume re-saves dropped steps)
+                    record_digest(best_manager, call + 1, state.agent.policy_params, primary)
                     best_manager.save(
                         call + 1,
                         args=_save_args(state.agent.policy_params),
                         metrics={"eval_return": best_return},
                     )
             if (call + 1) % config.checkpoint_every == 0 or call + 1 == last_call:
+                record_digest(manager, call + 1, state, primary)
                 manager.save(call + 1, args=_save_args(state))
             bar.set_postfix(
                 ret=f"{rows[-1]['return_mean']:.2f}",

@@ -20,6 +20,7 @@ from caasl_jax.checks import CheckpointError
 from caasl_jax.cli import DefaultsHelpFormatter
 from caasl_jax.cli import main as cli_main
 from caasl_jax.config import TrainConfig, from_dict, load_config, to_dict
+from caasl_jax.digest import record_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,31 @@ def tiny_config_dict(reward_path) -> dict:
         "eval_envs": 4,
         "checkpoint_every": 1,
     }
+
+
+def test_checkpoint_changed_in_place_is_refused(tmp_path):
+    """Orbax restores a checkpoint whose bytes changed (same size, still decodable)
+    without complaint: a policy evaluated to NaN returns, a resumed run trained on."""
+    import orbax.checkpoint as ocp
+
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(3)}
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    record_digest(manager, 1, tree)
+    manager.save(1, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+    restored = train_lib.restore_step(manager, 1, tree)
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    changed = {**tree, "w": tree["w"].copy()}
+    changed["w"][1, 2] = np.nextafter(changed["w"][1, 2], np.float32(10))  # one bit
+    shutil.rmtree(tmp_path / "checkpoints" / "1")  # rewritten behind the digest's back
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    manager.save(1, args=ocp.args.StandardSave(changed))
+    manager.wait_until_finished()
+    with pytest.raises(CheckpointError, match="checkpoint 1 under .* is damaged: its contents"):
+        train_lib.restore_step(manager, 1, tree)
+    (tmp_path / "checkpoints.digests.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="checkpoints.digests.json is damaged"):
+        train_lib.restore_step(manager, 1, tree)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +211,8 @@ def test_corrupt_checkpoint_gives_clear_error(tiny, tmp_path):
     config, _, _ = tiny
     run = tmp_path / "run"
     train_lib.train(config, run, progress=False, max_calls=1)
+    for folder in ("checkpoints", "best"):  # each save's digest (caasl_jax/digest.py)
+        assert list(json.loads((run / f"{folder}.digests.json").read_text())) == ["1"]
     for f in (run / "checkpoints").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"garbage")
