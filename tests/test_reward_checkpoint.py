@@ -35,6 +35,19 @@ def test_save_load_roundtrip(tmp_path, params):
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
 
 
+def test_weights_changed_in_place_are_refused(tmp_path, params):
+    """A flipped bit in a weight used to load as another number, without any error."""
+    path = save_weights(tmp_path / "w.msgpack", params, CFG)
+    data = bytearray(path.read_bytes())
+    leaf = np.asarray(jax.tree.leaves(params)[0])
+    at = bytes(data).find(leaf.tobytes())  # msgpack stores arrays as their raw bytes
+    assert at > 0
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="w.msgpack is damaged: its contents differ"):
+        load_weights(path)
+
+
 def test_frozen_params_save_and_load(tmp_path, params):
     from flax.core import freeze
 

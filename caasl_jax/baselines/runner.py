@@ -38,7 +38,6 @@ from caasl_jax.baselines.posterior import (
 )
 from caasl_jax.envs.core import Environment, History
 from caasl_jax.envs.linear import LinearSCMEnv
-from caasl_jax.files import write_atomically
 
 # (env, particles, key, settings) -> (action f32[2d], score); a module-level function,
 # so that it can be sent to the worker processes
@@ -224,8 +223,10 @@ def save_progress(path: Path, run_id: str, steps_done: int, histories: History, 
         "histories": serialization.to_state_dict(jax.device_get(histories)),
         "states": serialization.to_state_dict(jax.device_get(states)),
     }
+    from caasl_jax.reward.checkpoint import write_tagged_msgpack
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, serialization.msgpack_serialize(tree))
+    write_tagged_msgpack(path, tree)
 
 
 def load_progress(path: Path, run_id: str, histories: History, states):

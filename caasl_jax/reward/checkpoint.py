@@ -16,6 +16,7 @@ the parameters and free-form metadata: `save_weights(path, params, config, meta)
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import serialization
 
+from caasl_jax.files import write_atomically
 from caasl_jax.reward.model import AviciConfig, Params, check_params
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -53,14 +55,27 @@ def save_weights(path: str | Path, params: Params, config: AviciConfig, meta: di
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.msgpack_serialize(tree))
-    return path
+    return write_tagged_msgpack(path, tree)
+
+
+def _msgpack_digest(tree: dict) -> str:
+    return hashlib.sha256(serialization.msgpack_serialize(tree)).hexdigest()
+
+
+def write_tagged_msgpack(path: Path, tree: dict) -> Path:
+    """Write `tree` (a dict with a "format" tag) as msgpack, atomically, plus a "digest" of its
+    contents that `read_tagged_msgpack` checks: bytes changed in place would otherwise
+    load as other numbers without any error."""
+    data = serialization.msgpack_serialize({**tree, "digest": _msgpack_digest(tree)})
+    return write_atomically(path, data)
 
 
 def read_tagged_msgpack(path: Path, fmt: str, what: str) -> dict:
     """The dict stored in a caasl-jax msgpack file whose "format" tag is `fmt`.
 
-    ValueError "<path>: not a caasl-jax <what> file (...)" for anything else.
+    ValueError "<path>: not a caasl-jax <what> file (...)" for anything else, and
+    "<path> is damaged" when its contents differ from its digest (files written before
+    digests existed have none and are not checked).
     """
     try:
         tree = serialization.msgpack_restore(Path(path).read_bytes())
@@ -68,6 +83,11 @@ def read_tagged_msgpack(path: Path, fmt: str, what: str) -> dict:
         raise ValueError(f"{path}: not a caasl-jax {what} file (msgpack: {err})") from None
     if not isinstance(tree, dict) or tree.get("format") != fmt:
         raise ValueError(f"{path}: not a caasl-jax {what} file (missing format tag {fmt!r})")
+    digest = tree.pop("digest", None)
+    if digest is not None and digest != _msgpack_digest(tree):
+        raise ValueError(
+            f"{path} is damaged: its contents differ from the digest written with them"
+        )
     return tree
 
 
