@@ -83,17 +83,15 @@ def _train(args) -> int:
             if value
         ]
         if given:
-            raise SystemExit(
-                f"caasl train: --resume continues the run in its own folder with its own "
-                f"config; drop {'/'.join(given)}"
+            raise ValueError(
+                f"--resume continues the run in its own folder with its own config; "
+                f"drop {'/'.join(given)}"
             )
         run_dir = args.resume
         config = RunDir(run_dir).load_config()
     else:
         if not args.config:
-            raise SystemExit(
-                "caasl train: give --config NAME_OR_FILE (e.g. small) or --resume RUN_DIR"
-            )
+            raise ValueError("give --config NAME_OR_FILE (e.g. small) or --resume RUN_DIR")
         config = load_config(args.config, args.set)
         run_dir = args.run_dir or f"runs/{config.env}-seed{config.seed}"
     # before anything touches a device; flags win over the CAASL_* variables

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from caasl_jax.checks import check_positive_int, file_in_the_way
+from caasl_jax.checks import check_positive_int, file_in_the_way, file_path_problem
 from caasl_jax.envs.core import Environment, History
 
 Policy = Callable[[jax.Array, History], jax.Array]
@@ -329,14 +329,15 @@ def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False
     critics, optimiser state and replay stay in the run directory.
     """
     import numpy as np
-    from flax import serialization
 
     from caasl_jax.config import to_dict
+    from caasl_jax.reward.checkpoint import write_tagged_msgpack
     from caasl_jax.train import load_trained_policy
 
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the policy file's path")
+    problem = file_path_problem(path, create_folders=True)
+    if problem is not None:
+        raise ValueError(f"{path} {problem}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     _, policy_params, config = load_trained_policy(*_run_checkpoint(Path(run_dir)))
@@ -346,19 +347,24 @@ def export_policy(run_dir: str | Path, path: str | Path, overwrite: bool = False
         "params": jax.tree.map(np.asarray, jax.device_get(policy_params)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.msgpack_serialize(tree))
-    return path
+    return write_tagged_msgpack(path, tree)
+
+
+def _read_policy_file_config(path: Path):
+    """(stored tree, config) of a file written by `export_policy`."""
+    from caasl_jax.config import TrainConfig, from_dict
+    from caasl_jax.reward.checkpoint import read_tagged_msgpack
+
+    tree = read_tagged_msgpack(path, POLICY_FORMAT, "policy")
+    return tree, from_dict(TrainConfig, json.loads(tree["config"]), f"{path} config")
 
 
 def _read_policy_file(path: Path):
     """(agent, policy_params, config) from a file written by `export_policy`."""
-    from caasl_jax.config import TrainConfig, from_dict
     from caasl_jax.envs.registry import make_env
-    from caasl_jax.reward.checkpoint import read_tagged_msgpack
     from caasl_jax.train import build_agent
 
-    tree = read_tagged_msgpack(path, POLICY_FORMAT, "policy")
-    config = from_dict(TrainConfig, json.loads(tree["config"]), f"{path} config")
+    tree, config = _read_policy_file_config(path)
     env = make_env(config.env, **config.env_overrides)
     agent = build_agent(config, env)
     template = _policy_template(agent, env)
@@ -394,23 +400,43 @@ def _run_checkpoint(path: Path) -> tuple[Path, str]:
     return path, "latest"
 
 
-def load_policy(spec: str | Path):
-    """(agent, policy_params, config) of a run directory's latest checkpoint, of a run's
-    best/ folder (its policy with the highest validation return), of a policy file
-    written by `export_policy`, or of a shipped policy by name (e.g. "linear-d10")."""
+def _policy_source(spec: str | Path) -> tuple[Path, str]:
+    """(path, "latest" | "best" | "file") of a policy spec: a run directory, a run's
+    best/, a policy file or a shipped policy's file; ValueError for anything else."""
     path = Path(spec)
     if path.is_dir() or _run_checkpoint(path)[1] == "best":
-        from caasl_jax.train import load_trained_policy
-
-        return load_trained_policy(*_run_checkpoint(path))
+        return _run_checkpoint(path)
     if path.is_file():
-        return _read_policy_file(path)
+        return path, "file"
     if str(spec) in available_policies():
-        return _read_policy_file(POLICIES_DIR / f"{spec}.msgpack")
+        return POLICIES_DIR / f"{spec}.msgpack", "file"
     raise ValueError(
         f"{spec}: neither a run directory, a policy file nor a shipped policy "
         f"({', '.join(available_policies()) or 'none shipped'})"
     )
+
+
+def load_policy(spec: str | Path):
+    """(agent, policy_params, config) of a run directory's latest checkpoint, of a run's
+    best/ folder (its policy with the highest validation return), of a policy file
+    written by `export_policy`, or of a shipped policy by name (e.g. "linear-d10")."""
+    path, kind = _policy_source(spec)
+    if kind == "file":
+        return _read_policy_file(path)
+    from caasl_jax.train import load_trained_policy
+
+    return load_trained_policy(path, kind)
+
+
+def policy_config(spec: str | Path):
+    """The TrainConfig of a policy spec (as `load_policy` takes), read without loading
+    its parameters (fast: for checks before the load)."""
+    path, kind = _policy_source(spec)
+    if kind == "file":
+        return _read_policy_file_config(path)[1]
+    from caasl_jax.train import RunDir
+
+    return RunDir(path).load_config()
 
 
 # ----------------------------------------------------------------------------------
@@ -447,6 +473,36 @@ def not_applicable(envs: dict[str, Environment], slow_designs) -> list[tuple[str
     return skipped
 
 
+def check_budgets(envs: dict[str, Environment]) -> None:
+    """ValueError naming an env without a design step (budget < 1): nothing to evaluate."""
+    for name, env in envs.items():
+        if env.budget < 1:
+            raise ValueError(
+                f"{name}: evaluation needs a budget of >= 1 design step per episode, got "
+                f"budget={env.budget} (env settings: --env-set / env_overrides)"
+            )
+
+
+def progress_path(checkpoint_dir: str | Path, env_name: str, design: str) -> Path:
+    """The file under `checkpoint_dir` that holds `design`'s progress on `env_name`."""
+    return Path(checkpoint_dir) / f"{env_name}--{design}.msgpack"
+
+
+def check_progress_files(paths) -> None:
+    """Before any rollout: ValueError naming the first of `paths` that exists but is no
+    design-loop progress file (garbage, another format, a folder). Whether it is this
+    run's progress is checked only when it is resumed (`runner.load_progress`)."""
+    from caasl_jax.baselines.runner import _PROGRESS_FORMAT
+    from caasl_jax.reward.checkpoint import read_tagged_msgpack
+
+    for path in paths:
+        if path.exists():
+            try:
+                read_tagged_msgpack(path, _PROGRESS_FORMAT, "design-loop progress")
+            except ValueError as error:
+                raise ValueError(f"{error}; delete it or choose another --checkpoint-dir") from None
+
+
 def evaluate_suite(
     env_names: Sequence[str],
     designs: Sequence[str],
@@ -474,6 +530,7 @@ def evaluate_suite(
     """
     from caasl_jax.envs.registry import make_env
     from caasl_jax.reward.checkpoint import load_reward_model
+    from caasl_jax.reward.standardize import warn_if_other_family
     from caasl_jax.train import action_kind
 
     if mode not in POLICY_MODES:
@@ -491,24 +548,37 @@ def evaluate_suite(
             )
     if len(trained) > 1:
         raise ValueError(f"evaluate one trained policy at a time, got {trained}")
-    agent, policy_params, policy_config = load_policy(trained[0]) if trained else (None, (), None)
-    overrides = dict(policy_config.env_overrides) if policy_config else {}
+    # the policy's config only: its parameters are loaded (slow) after every check
+    config = policy_config(trained[0]) if trained else None
+    overrides = dict(config.env_overrides) if config else {}
     overrides.update(env_overrides or {})
     names = expand_env_names(env_names)
     envs = {name: make_env(name, **overrides) for name in names}  # bad names fail here
-    if agent is not None:
+    check_budgets(envs)
+    if config is not None:
+        kind = action_kind(make_env(config.env, **config.env_overrides))  # the agent's
         for name, env in envs.items():
-            if action_kind(env) != agent.policy_config.action_kind:
+            if action_kind(env) != kind:
                 raise ValueError(f"the policy in {trained[0]} cannot act on {name} (action layout)")
-    reward_name = reward_model or (policy_config.reward_model_name if policy_config else None)
+    reward_name = reward_model or (config.reward_model_name if config else None)
     if reward_name is None:
         raise ValueError(
             "a reward model is required when no trained policy is evaluated (--reward-model: "
             "a shipped name or a weights file)"
         )
-    reward_params, reward_config = load_reward_model(reward_name)
-
     skipped = not_applicable(envs, [name for name in designs if name in slow])
+    skip = {s[:2] for s in skipped}
+    if checkpoint_dir is not None:
+        check_progress_files(
+            progress_path(checkpoint_dir, env_name, name)
+            for env_name in envs
+            for name in designs
+            if name in slow and (env_name, name) not in skip
+        )
+    reward_params, reward_config = load_reward_model(reward_name)
+    for name in envs:
+        warn_if_other_family(str(reward_name), reward_config.standardization, name)
+    agent, policy_params, _ = load_policy(trained[0]) if trained else (None, (), None)
     for env_name, name, reason in skipped:
         if log:
             log(f"{env_name:28s} {name:14s} skipped: {reason}")
@@ -517,12 +587,12 @@ def evaluate_suite(
         params = heldout_params(env, n_envs, seed)
         for name in designs:
             label = "caasl" if name in trained else name
-            if any(s[:2] == (env_name, name) for s in skipped):
+            if (env_name, name) in skip:
                 continue
             if name in slow:
                 checkpoint = None
                 if checkpoint_dir is not None:
-                    checkpoint = Path(checkpoint_dir) / f"{env_name}--{name}.msgpack"
+                    checkpoint = progress_path(checkpoint_dir, env_name, name)
                 histories = slow[name](
                     env, params, rollout_key(seed), n_workers=n_workers, progress=progress,
                     checkpoint=checkpoint,
@@ -580,20 +650,30 @@ def write_results(out: str | Path, results: dict, meta: dict) -> tuple[Path, Pat
     return json_path, csv_path
 
 
+def run_folder_of(path: str | Path) -> Path | None:
+    """The training or reward-pretraining run (a folder holding run.json) that `path` is
+    or lies inside, resolved; None if there is none."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if (p / "run.json").is_file()), None)
+
+
 def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> None:
     """Before any work: refuse an --out (or a --checkpoint-dir) that is a file or lies
-    under one, an --out that holds a training or reward-pretraining run (its run.json)
-    even with overwrite, and a non-empty --out unless told to overwrite."""
+    under one, an --out that is or lies inside a training or reward-pretraining run
+    (run.json) even with overwrite, and a non-empty --out unless told to overwrite."""
     out = Path(out)
     for option, path in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
         blocking = None if path is None else file_in_the_way(path)
         if blocking is not None:
             where = "is a file" if blocking == Path(path) else f"lies under {blocking}, a file"
             raise FileExistsError(f"{option} {path} {where}; give a folder")
-    if (out / "run.json").is_file():
+    run = run_folder_of(out)
+    if run is not None:
+        inside = run != out.resolve()
+        where = f"lies inside the run {run}" if inside else "holds a run (it has run.json)"
         raise FileExistsError(
-            f"--out {out} holds a run (it has run.json); evaluation results go in a folder "
-            "of their own, e.g. --out " + str(out.with_name(out.name + "-eval"))
+            f"--out {out} {where}; evaluation results go in a folder of their own, e.g. "
+            f"--out {run.with_name(run.name + '-eval')}"
         )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or --overwrite")

@@ -28,7 +28,6 @@ import json
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -317,17 +316,10 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
         )
     if score_builder is None:
         from caasl_jax.reward.checkpoint import load_reward_model
-        from caasl_jax.reward.standardize import standardization_for_env
+        from caasl_jax.reward.standardize import warn_if_other_family
 
         reward_params, reward_config = load_reward_model(config.reward_model_name)
-        expected = standardization_for_env(config.env)
-        if reward_config.standardization != expected:
-            warnings.warn(
-                f"reward model {config.reward_model_name!r} reads its input as "
-                f"{reward_config.standardization!r}, but {config.env!r} data call for "
-                f"{expected!r}: was it trained for another environment family?",
-                stacklevel=2,
-            )
+        warn_if_other_family(config.reward_model_name, reward_config.standardization, config.env)
         score_builder = AviciScore(reward_config)
     else:
         reward_params = {}

@@ -218,3 +218,105 @@ def test_validation_and_test_environments_are_disjoint():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="unknown held-out split 'valid'"):
         ev.heldout_params(env, 3, 0, split="valid")
+
+
+def test_train_usage_errors_are_bad_input(tmp_path, capsys):
+    """caasl train's own usage errors exit 2 with one line, like every other bad input."""
+    assert cli_main(["train", "--resume", str(tmp_path), "--set", "x=1"]) == 2
+    assert capsys.readouterr().err == (
+        "caasl train: error: --resume continues the run in its own folder with its own "
+        "config; drop --set\n"
+    )
+    assert cli_main(["train"]) == 2
+    assert capsys.readouterr().err == (
+        "caasl train: error: give --config NAME_OR_FILE (e.g. small) or --resume RUN_DIR\n"
+    )
+
+
+def test_export_policy_checks_its_path_before_loading(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    target = afile / "p.msgpack"
+    # the run does not exist: the path is refused before the policy is looked for
+    assert cli_main(["export-policy", str(tmp_path / "no-run"), str(target)]) == 2
+    assert capsys.readouterr().err == (
+        f"caasl export-policy: error: {target} lies under {afile}, which is a file\n"
+    )
+    assert afile.read_text() == "keep"
+
+
+def test_evaluate_refuses_a_zero_budget(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["evaluate", "--policy", "random", "--reward-model", "linear-d10", "--env",
+            "linear-d10", "--env-set", "budget=0", "--baselines", "--n-envs", "2",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err == (
+        "caasl evaluate: error: linear-d10: evaluation needs a budget of >= 1 design step "
+        "per episode, got budget=0 (env settings: --env-set / env_overrides)\n"
+    )
+    assert not out.exists()
+
+
+def test_damaged_progress_files_are_refused_before_any_rollout(tmp_path):
+    """Only the progress files this evaluation would resume are read: DiffCBED is left
+    out on SERGIO, so that garbage file is not this evaluation's."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for env_name in ("linear-d10", "sergio-d10"):
+        (ck / f"{env_name}--diffcbed.msgpack").write_bytes(b"garbage")
+    logged = []
+    with pytest.raises(ValueError) as error:
+        ev.evaluate_suite(
+            ["sergio-d10", "linear-d10"],
+            ["random", "diffcbed"],
+            n_envs=2,
+            reward_model="linear-d10",
+            checkpoint_dir=ck,
+            log=logged.append,
+        )
+    assert str(error.value).startswith(
+        f"{ck / 'linear-d10--diffcbed.msgpack'}: not a caasl-jax design-loop progress file"
+    )
+    assert str(error.value).endswith("; delete it or choose another --checkpoint-dir")
+    assert not [line for line in logged if "return" in line]  # no rollout ran
+    # a progress file (of any run: which one is checked on resuming) passes
+    from caasl_jax.baselines.runner import save_progress
+
+    save_progress(ck / "ok.msgpack", "another run", 1, {"x": np.zeros(2)}, {})
+    ev.check_progress_files([ck / "ok.msgpack", ck / "missing.msgpack"])
+
+
+def test_evaluate_out_inside_a_run_is_refused(tiny_run, capsys):
+    """Not only the run folder itself: --out never lies inside it, --overwrite or not."""
+    run = tiny_run[0]
+    run_files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    common = ["evaluate", "--policy", str(run), "--env", "linear-d3", "--baselines",
+              "--n-envs", "2", "--no-progress", "--overwrite"]  # fmt: skip
+    for out in (run / "checkpoints", run / "best", run / "new" / "eval"):
+        assert cli_main([*common, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"caasl evaluate: error: --out {out} lies inside the run ")
+        assert f"the run {run.resolve()};" in err
+        assert err.count("\n") == 1
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == run_files
+
+
+def test_suite_checks_its_inputs_before_loading_the_policy(tiny_run, tmp_path, monkeypatch):
+    """Only the policy's config is read for the checks; its parameters load (slowly)
+    after them."""
+    run = str(tiny_run[0])
+    monkeypatch.setattr(ev, "load_policy", lambda spec: pytest.fail("policy loaded too early"))
+    with pytest.raises(ValueError, match="linear-d3: evaluation needs a budget .* budget=0"):
+        ev.evaluate_suite(["linear-d3"], [run], n_envs=2, env_overrides={"budget": 0})
+    with pytest.raises(ValueError, match="cannot act on sergio-d3"):
+        ev.evaluate_suite(["sergio-d3"], [run], n_envs=2)
+    (tmp_path / "linear-d3--diffcbed.msgpack").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a caasl-jax design-loop progress file"):
+        ev.evaluate_suite(["linear-d3"], [run, "diffcbed"], n_envs=2, checkpoint_dir=tmp_path)
+
+
+def test_a_reward_model_for_another_env_family_is_flagged():
+    """caasl train warned about this mismatch; caasl evaluate did not."""
+    with pytest.warns(UserWarning, match="'log2_cpm', but 'linear-d3' data call for 'zscore'"):
+        ev.evaluate_suite(["linear-d3"], ["random"], n_envs=2, reward_model="sergio-d10")

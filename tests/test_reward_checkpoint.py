@@ -48,6 +48,11 @@ def test_weights_changed_in_place_are_refused(tmp_path, params):
         load_weights(path)
 
 
+def test_a_folder_is_not_taken_for_a_weights_file(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a weights file"):
+        load_weights(tmp_path)
+
+
 def test_frozen_params_save_and_load(tmp_path, params):
     from flax.core import freeze
 

@@ -94,6 +94,8 @@ def read_tagged_msgpack(path: Path, fmt: str, what: str) -> dict:
 def load_weights(path: str | Path) -> Pretrained:
     """Read a file written by `save_weights`; ValueError naming the problem otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a weights file (.msgpack)")
     if not path.is_file():
         raise ValueError(f"{path}: no such weights file")
     tree = read_tagged_msgpack(path, FORMAT, "weights")

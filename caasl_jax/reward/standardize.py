@@ -15,6 +15,8 @@ so padding never changes a valid row's standardised value.
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax.numpy as jnp
 
@@ -89,6 +91,19 @@ def standardization_for_env(env_name: str) -> str:
     """The standardisation AVICI uses for an environment's data: log2_cpm for SERGIO's
     counts, zscore for real values."""
     return "log2_cpm" if env_name.startswith("sergio") else "zscore"
+
+
+def warn_if_other_family(reward_name: str, standardization: str, env_name: str) -> None:
+    """A UserWarning when a reward model's input standardisation is not the one
+    `env_name`'s data call for (a model trained for another environment family)."""
+    expected = standardization_for_env(env_name)
+    if standardization != expected:
+        warnings.warn(
+            f"reward model {reward_name!r} reads its input as {standardization!r}, but "
+            f"{env_name!r} data call for {expected!r}: was it trained for another "
+            "environment family?",
+            stacklevel=3,
+        )
 
 
 def standardize(data: jnp.ndarray, mask: jnp.ndarray | None, kind: str) -> jnp.ndarray:
