@@ -385,6 +385,9 @@ def test_resume_refuses_another_device_count(tmp_path):
         run.check_resumable(2)
     with pytest.raises(FileExistsError, match="is a file"):
         train_lib.RunDir(run.run_info).check_new(overwrite=True)
+    # it used to fail with a NotADirectoryError traceback when creating the folder
+    with pytest.raises(FileExistsError, match=r"lies under .*run\.json, a file"):
+        train_lib.RunDir(run.run_info / "sub").check_new(overwrite=False)
 
 
 def intervened_values_score(reward_params):
