@@ -529,6 +529,7 @@ def restore_step(manager, step: int, target):
 def _first_line(error: Exception, limit: int = 300) -> str:
     """The start of an error's text (orbax's can run to pages of tensorstore specs)."""
     text = (str(error).splitlines() or [repr(error)])[0]
+    text = text.split(" See full TensorStore details")[0]  # a bound method's repr follows
     return text if len(text) <= limit else text[:limit] + " ..."
 
 

@@ -541,3 +541,13 @@ def test_divergence_counts_learner_metrics_only_after_warm_up():
     assert train_lib.first_divergence([warming]) is None
     updated = {**warming, "iteration": 2, "updated": 1.0, "critic_loss": math.inf}
     assert train_lib.first_divergence([warming, updated]) == "iteration 2: critic_loss is inf"
+
+
+def test_orbax_errors_are_cut_to_their_first_informative_line():
+    error = ValueError(
+        'DATA_LOSS: Error reading "x" in OCDBT database [source locations=...] See full '
+        "TensorStore details: <bound method PyCapsule.spec of TensorStore({...})>\nmore"
+    )
+    assert train_lib._first_line(error) == (
+        'DATA_LOSS: Error reading "x" in OCDBT database [source locations=...]'
+    )
