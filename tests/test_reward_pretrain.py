@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from caasl_jax.cli import main as cli_main
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward.checkpoint import load_weights
 from caasl_jax.reward.pretrain import (
+    RUN_FILES,
     DesignMix,
     _config_from_args,
     bce_offdiag,
@@ -169,6 +171,11 @@ def test_time_limit_checkpoints_where_it_stops_and_resume_logs_each_step_once(tm
     with pytest.raises(ValueError, match="checkpoint 4 under .* is unreadable"):
         main(args)
     assert (out / "log.jsonl").read_text() == logged
+    # a run that died before its first checkpoint starts over: its log is redone, not doubled
+    shutil.rmtree(out / "ckpt")
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
 
 
 def test_exports_never_replace_a_file_silently(tmp_path, capsys):
@@ -191,12 +198,60 @@ def test_exports_never_replace_a_file_silently(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "files, error, message",
+    [
+        ({"best.msgpack": "keep", "log.jsonl": "keep"}, FileExistsError, "holds no pretraining"),
+        (
+            {"config.yaml": "keep", "run.json": '{"devices": 1}'},
+            ValueError,
+            r"is not a reward-pretraining run \(a `caasl train` run\)",
+        ),
+        ({"run.json": "garbage"}, ValueError, r"run\.json is damaged"),
+        ({"run.json": "[1, 2]"}, ValueError, r"run\.json is damaged"),
+    ],
+)
+def test_out_must_be_new_or_a_pretraining_run(tmp_path, files, error, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(error, match=message):
+        main(["--env", "linear-d3", "--out", str(out), *TINY, "--steps", "2"])
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+    a_file = out / next(iter(files))
+    with pytest.raises(FileExistsError, match="is a file; give a folder"):
+        main(["--env", "linear-d3", "--out", str(a_file), *TINY, "--steps", "2"])
+
+
+def test_exports_never_replace_the_runs_own_files(tmp_path):
+    out = tmp_path / "run"
+    (out / "ckpt" / "2").mkdir(parents=True)
+    files = {name: "keep" for name in RUN_FILES}
+    files["run.json"] = json.dumps({"env": "linear-d3", "config": {}, "argv": []})
+    for name, text in files.items():
+        (out / name).write_text(text)
+    base = ["--env", "linear-d3", "--out", str(out), *TINY, "--steps", "2", "--overwrite"]
+    for option in ("--export", "--export-latest"):
+        for name in RUN_FILES:
+            with pytest.raises(ValueError, match=f"{option} .*: is the run's own {name}"):
+                main([*base, option, str(out / name)])
+        with pytest.raises(ValueError, match="lies in the run's own ckpt folder"):
+            main([*base, option, str(out / "ckpt" / "2" / "w.msgpack")])
+    assert {name: (out / name).read_text() for name in RUN_FILES} == files
+
+
+@pytest.mark.parametrize(
     "options, message",
     [
         (["--batch", "0"], "argument --batch: expected an integer >= 1, got 0"),
         (["--eval-every", "0"], "argument --eval-every: expected an integer >= 1, got 0"),
         (["--eval-envs", "0"], "argument --eval-envs: expected an integer >= 1, got 0"),
         (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+        (["--dropout", "nan"], "--dropout must be a finite number"),
+        (["--p-single", "nan"], "--p-single must be a finite number"),
+        (["--acyclicity", "inf"], "--acyclicity must be a finite number"),
         (["--p-single", "0.8", "--p-multi", "0.4"], "sum <= 1"),
         (["--eval-every", "3"], "multiples of --steps-per-call"),
     ],

@@ -43,6 +43,7 @@ import filecmp
 import functools
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from caasl_jax.checks import file_path_problem
+from caasl_jax.checks import file_in_the_way, file_path_problem
 from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.files import write_atomically
 from caasl_jax.jsonl import keep_rows_up_to, to_line
@@ -341,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment setting override, e.g. --env-set n0=20 (repeatable)",
     )
-    p.add_argument("--out", default=None, help="run folder (default runs/reward-<env>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run folder: new (or empty), or a pretraining run to resume (default "
+        "runs/reward-<env>)",
+    )
     p.add_argument("--steps", type=positive_int, default=20000, help="total optimisation steps")
     p.add_argument("--batch", type=positive_int, default=64, help="global histories per step")
     p.add_argument(
@@ -482,23 +488,39 @@ def _config_from_args(args, env_name: str) -> AviciConfig:
 
 #: under --out: the file this run's --export updates and the contents it wrote there
 EXPORT_RECORD = "export.json"
+#: the run's own files under --out, never an --export / --export-latest target
+RUN_FILES = ("best.msgpack", "run.json", "log.jsonl", EXPORT_RECORD)
+#: keys every pretraining run.json has held; a `caasl train` run's holds {"devices": N}
+RUN_FILE_KEYS = ("env", "config", "argv")
 
 
-def _export_target_problem(target: str | None, overwrite: bool, out: Path | None) -> str | None:
-    """Why weights cannot be written to `target` (None if they can). out: the run's
-    folder when the target may be its earlier --export, which a resumed run keeps
-    updating (`_is_own_export`); any other existing file needs overwrite."""
+def _export_target_problem(
+    target: str | None, overwrite: bool, out: Path, keeps_own_export: bool = False
+) -> str | None:
+    """Why weights cannot be written to `target` (None if they can): never over the
+    run's own files in `out`; an existing file needs overwrite, unless keeps_own_export
+    (--export) and it is the run's earlier --export, which a resumed run keeps updating
+    (`_is_own_export`)."""
     if target is None:
         return None
     path = Path(target)
-    problem = file_path_problem(path)
+    problem = file_path_problem(path) or _own_file_problem(path, out)
     if problem:
         return problem
-    if out is not None and path.resolve() == (out / "best.msgpack").resolve():
-        return "is the run's own best.msgpack; give another path"
-    ours = out is not None and _is_own_export(path, out)
+    ours = keeps_own_export and _is_own_export(path, out)
     if path.exists() and not (overwrite or ours):
         return "exists; pass --overwrite to replace it"
+    return None
+
+
+def _own_file_problem(path: Path, out: Path) -> str | None:
+    """Why `path` is one of the run's own files in `out` (RUN_FILES or under ckpt/), or None."""
+    path = path.resolve()
+    for name in RUN_FILES:
+        if path == (out / name).resolve():
+            return f"is the run's own {name}; give another path"
+    if (out / "ckpt").resolve() in path.parents:
+        return "lies in the run's own ckpt folder; give another path"
     return None
 
 
@@ -542,41 +564,73 @@ def _export_copy(best: Path, target: str, out: Path) -> None:
     write_atomically(target, weights)
 
 
-def _check_run_file(out: Path, run: dict) -> None:
+def _existing_run(out: Path) -> dict | None:
+    """The run.json of the pretraining run in folder `out`, or None when `out` is new
+    (absent or empty). FileExistsError if `out` is a file or holds something else;
+    ValueError if its run.json is damaged or not a pretraining run's."""
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        where = "is a file" if blocking == out else f"lies under {blocking}, a file"
+        raise FileExistsError(f"--out {out} {where}; give a folder")
     path = out / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        keys = (
-            "env",
-            "env_overrides",
-            "config",
-            "batch",
-            "lr",
-            "warmup",
-            "steps",
-            "weight_decay",
-            "seed",
-            "p_single",
-            "p_multi",
-            "acyclicity",
-            "eval_envs",
-            "eval_seed",
-        )
-        # runs started before these were recorded: --env-set, the held-out set's options
-        defaults = {"env_overrides": {}, **{k: run[k] for k in ("eval_envs", "eval_seed")}}
-        diff = [k for k in keys if old.get(k, defaults.get(k)) != run.get(k)]
-        if diff:
-            raise ValueError(
-                f"{out} holds a run with different settings ({', '.join(diff)}); "
-                "use another --out or the same options to resume"
+    if not path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(
+                f"--out {out} is not empty and holds no pretraining run (no run.json); "
+                "use another --out"
             )
-    else:
-        path.write_text(json.dumps(run, indent=2, sort_keys=True))
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable, or not JSON
+        run = None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} is damaged (not a pretraining run file); use another --out")
+    missing = [key for key in RUN_FILE_KEYS if key not in run]
+    if missing:
+        kind = " (a `caasl train` run)" if (out / "config.yaml").is_file() else ""
+        raise ValueError(
+            f"--out {out} is not a reward-pretraining run{kind}: its run.json has no "
+            f"{', '.join(missing)}; use another --out"
+        )
+    return run
+
+
+def _check_same_settings(out: Path, old: dict, run: dict) -> None:
+    """ValueError naming the settings of `run` that differ from those of the run in
+    `out` (its run.json `old`): a run resumes only with its own."""
+    keys = (
+        "env",
+        "env_overrides",
+        "config",
+        "batch",
+        "lr",
+        "warmup",
+        "steps",
+        "weight_decay",
+        "seed",
+        "p_single",
+        "p_multi",
+        "acyclicity",
+        "eval_envs",
+        "eval_seed",
+    )
+    # runs started before these were recorded: --env-set, the held-out set's options
+    defaults = {"env_overrides": {}, **{k: run[k] for k in ("eval_envs", "eval_seed")}}
+    diff = [k for k in keys if old.get(k, defaults.get(k)) != run.get(k)]
+    if diff:
+        raise ValueError(
+            f"{out} holds a run with different settings ({', '.join(diff)}); "
+            "use another --out or the same options to resume"
+        )
 
 
 def args_error(args: argparse.Namespace) -> str | None:
     """The first option value that cannot work, as a message; None when all can
     (counts are checked by their argparse type)."""
+    for name, value in vars(args).items():  # lr, weight decay, dropout, p-single, ...
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{name.replace('_', '-')} must be a finite number, got {value}"
     if args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
     if not args.lr > 0:
@@ -625,15 +679,14 @@ def main(argv: list[str] | None = None) -> int:
     env = make_env(args.env, **env_overrides)
     config = _config_from_args(args, args.env)
     out = Path(args.out or f"runs/reward-{args.env}").resolve()
-    resuming = (out / "run.json").exists()
+    old_run = _existing_run(out)
     for option, target in (("--export", args.export), ("--export-latest", args.export_latest)):
-        run_dir = out if option == "--export" else None
-        problem = _export_target_problem(target, args.overwrite, run_dir)
+        keeps = option == "--export"
+        problem = _export_target_problem(target, args.overwrite, out, keeps_own_export=keeps)
         if problem:
             raise ValueError(f"{option} {target}: {problem}")
-    if args.export_latest and not resuming:  # before anything is written under out
+    if args.export_latest and old_run is None:  # before anything is written under out
         raise FileNotFoundError(f"--export-latest: {out} holds no pretraining run")
-    out.mkdir(parents=True, exist_ok=True)
     run = {
         "env": args.env,
         "env_overrides": env_overrides,
@@ -652,7 +705,17 @@ def main(argv: list[str] | None = None) -> int:
         "devices": jax.local_device_count(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
-    _check_run_file(out, run)
+    if old_run is None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True))
+    else:
+        _check_same_settings(out, old_run, run)
+    manager = ocp.CheckpointManager(
+        out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+    latest = manager.latest_step()
+    if args.export_latest and latest is None:  # before compiling anything
+        raise FileNotFoundError(f"--export-latest: no checkpoint under {out / 'ckpt'}")
 
     mix = DesignMix(max_designs=env.budget, p_single=args.p_single, p_multi=args.p_multi)
     tx, schedule = make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay)
@@ -663,24 +726,18 @@ def main(argv: list[str] | None = None) -> int:
     heldout = heldout_set(env, jax.random.key(args.eval_seed), args.eval_envs)
     evaluate = make_evaluator(config, heldout)
 
-    manager = ocp.CheckpointManager(
-        out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    )
     log_path, best_path = out / "log.jsonl", out / "best.msgpack"
     best, step, elapsed = -np.inf, 0, 0.0
-    latest = manager.latest_step()
     if latest is not None:
         restored = restore_checkpoint(manager, latest, params, opt_state)
         params, opt_state = restored["params"], restored["opt_state"]
         elapsed, best = float(restored["elapsed"]), float(restored["best"])
         step = int(latest)
-        if not args.export_latest:
-            keep_rows_up_to(log_path, "step", step)
         print(f"resumed from {out / 'ckpt'} at step {step} (best {best:.2f})", flush=True)
+    if not args.export_latest:  # rows logged after the checkpoint (or with none) are redone
+        keep_rows_up_to(log_path, "step", step)
     print(f"reward model: {param_count(params):,} parameters, config {config}", flush=True)
     if args.export_latest:
-        if latest is None:
-            raise FileNotFoundError(f"--export-latest: no checkpoint under {out / 'ckpt'}")
         metrics = evaluate(params)
         meta = {
             "env": args.env,
@@ -690,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
             "heldout": metrics,
             "eval_envs": args.eval_envs,
             "eval_seed": args.eval_seed,
-            "argv": json.loads((out / "run.json").read_text())["argv"],
+            "argv": old_run["argv"],
             "exported": "latest checkpoint",
         }
         save_weights(args.export_latest, params, config, meta)
