@@ -17,6 +17,7 @@ from caasl_jax.reward.pretrain import (
     RUN_FILES,
     DesignMix,
     _config_from_args,
+    args_error,
     bce_offdiag,
     build_parser,
     fresh_state,
@@ -247,11 +248,7 @@ def test_exports_never_replace_the_runs_own_files(tmp_path):
         (["--eval-every", "0"], "argument --eval-every: expected an integer >= 1, got 0"),
         (["--eval-envs", "0"], "argument --eval-envs: expected an integer >= 1, got 0"),
         (["--lr", "0"], "--lr must be > 0"),
-        (["--lr", "inf"], "--lr must be a finite number, got inf"),
-        (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
-        (["--dropout", "nan"], "--dropout must be a finite number"),
-        (["--p-single", "nan"], "--p-single must be a finite number"),
-        (["--acyclicity", "inf"], "--acyclicity must be a finite number"),
+        (["--steps", "2", "--lr", "inf"], "--lr must be a finite number, got inf"),
         (["--p-single", "0.8", "--p-multi", "0.4"], "sum <= 1"),
         (["--eval-every", "3"], "multiples of --steps-per-call"),
     ],
@@ -263,6 +260,15 @@ def test_bad_options_are_refused_before_any_file_is_written(tmp_path, capsys, op
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "option", ["--lr", "--weight-decay", "--dropout", "--p-single", "--acyclicity", "--time-limit"]
+)
+def test_non_finite_float_options_are_named(option):
+    for value in ("inf", "nan"):
+        args = build_parser().parse_args([option, value])
+        assert args_error(args) == f"{option} must be a finite number, got {value}"
 
 
 def test_random_actions_fit_the_env_action_size():
