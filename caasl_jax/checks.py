@@ -37,5 +37,16 @@ def file_in_the_way(folder):
     return None if existing.is_dir() else existing
 
 
+def folder_problem(folder) -> str | None:
+    """Why `folder` cannot be a folder (None if it can): "is a file", or "lies under
+    <file>, a file"."""
+    from pathlib import Path
+
+    blocking = file_in_the_way(folder)
+    if blocking is None:
+        return None
+    return "is a file" if blocking == Path(folder) else f"lies under {blocking}, a file"
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder orbax cannot read (damaged files, or other settings)."""

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from caasl_jax.checks import check_positive_int, file_in_the_way, file_path_problem
+from caasl_jax.checks import check_positive_int, file_path_problem, folder_problem
 from caasl_jax.envs.core import Environment, History
 
 Policy = Callable[[jax.Array, History], jax.Array]
@@ -663,10 +663,9 @@ def check_output_dir(out: str | Path, overwrite: bool, checkpoint_dir=None) -> N
     (run.json) even with overwrite, and a non-empty --out unless told to overwrite."""
     out = Path(out)
     for option, path in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
-        blocking = None if path is None else file_in_the_way(path)
-        if blocking is not None:
-            where = "is a file" if blocking == Path(path) else f"lies under {blocking}, a file"
-            raise FileExistsError(f"{option} {path} {where}; give a folder")
+        problem = None if path is None else folder_problem(path)
+        if problem is not None:
+            raise FileExistsError(f"{option} {path} {problem}; give a folder")
     run = run_folder_of(out)
     if run is not None:
         inside = run != out.resolve()

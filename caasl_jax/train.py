@@ -43,7 +43,7 @@ from caasl_jax import distributed
 from caasl_jax import replay as replay_lib
 from caasl_jax.agents.networks import CriticConfig, PolicyConfig
 from caasl_jax.agents.redq import REDQ, REDQState
-from caasl_jax.checks import CheckpointError, file_in_the_way
+from caasl_jax.checks import CheckpointError, folder_problem
 from caasl_jax.config import TrainConfig, from_dict, read_yaml_mapping, to_dict
 from caasl_jax.digest import check_digest, record_digest
 from caasl_jax.envs.core import Environment, empty_history
@@ -399,10 +399,9 @@ class RunDir:
     def check_new(self, overwrite: bool) -> None:
         """FileExistsError if the run dir exists and is not empty, unless overwrite is on
         and it is a run dir (has config.yaml): --overwrite never deletes other folders."""
-        blocking = file_in_the_way(self.path)
-        if blocking is not None:
-            where = "is a file" if blocking == self.path else f"lies under {blocking}, a file"
-            raise FileExistsError(f"run directory {self.path} {where}; choose another --run-dir")
+        problem = folder_problem(self.path)
+        if problem is not None:
+            raise FileExistsError(f"run directory {self.path} {problem}; choose another --run-dir")
         if not (self.path.exists() and any(self.path.iterdir())):
             return
         if not overwrite:

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from caasl_jax.checks import file_in_the_way, file_path_problem
+from caasl_jax.checks import file_path_problem, folder_problem
 from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.files import write_atomically
 from caasl_jax.jsonl import keep_rows_up_to, to_line
@@ -568,10 +568,9 @@ def _existing_run(out: Path) -> dict | None:
     """The run.json of the pretraining run in folder `out`, or None when `out` is new
     (absent or empty). FileExistsError if `out` is a file or holds something else;
     ValueError if its run.json is damaged or not a pretraining run's."""
-    blocking = file_in_the_way(out)
-    if blocking is not None:
-        where = "is a file" if blocking == out else f"lies under {blocking}, a file"
-        raise FileExistsError(f"--out {out} {where}; give a folder")
+    problem = folder_problem(out)
+    if problem is not None:
+        raise FileExistsError(f"--out {out} {problem}; give a folder")
     path = out / "run.json"
     if not path.exists():
         if out.exists() and any(out.iterdir()):
