@@ -25,7 +25,15 @@ def machine_info() -> dict:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "attention": attention_path(),
     }
+
+
+def attention_path() -> str:
+    """Which attention the agents' networks trace here (caasl_jax/kernels)."""
+    from caasl_jax.kernels import cpu_attention
+
+    return "fused CPU kernel" if cpu_attention.use_for_current_backend() else "pure JAX"
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:

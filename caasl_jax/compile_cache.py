@@ -66,11 +66,19 @@ def resolve_cache_dir(environ: Mapping[str, str], tag: str) -> Path | None:
         return None
     if chosen:
         return _expand_home(chosen, environ)
+    base = cache_home(environ)
+    return base / "xla" / tag if base else None
+
+
+def cache_home(environ: Mapping[str, str]) -> Path | None:
+    """caasl-jax's folder of caches, `$XDG_CACHE_HOME/caasl-jax` (default
+    `~/.cache/caasl-jax`); None without a HOME to put it under."""
     base = _expand_home(environ.get("XDG_CACHE_HOME") or "~/.cache", environ)
-    return base / "caasl-jax" / "xla" / tag if base else None
+    return base / "caasl-jax" if base else None
 
 
-def _this_machine_tag() -> str:
+def this_machine_tag() -> str:
+    """`machine_tag` of this machine and the installed jaxlib."""
     import jaxlib
 
     try:
@@ -87,7 +95,7 @@ def enable() -> Path | None:
     the folder, or None when this left JAX's settings alone. An unusable folder is
     reported on stderr and skipped: the cache only saves time, so it must never stop
     a run."""
-    folder = resolve_cache_dir(os.environ, _this_machine_tag())
+    folder = resolve_cache_dir(os.environ, this_machine_tag())
     if folder is None:
         return None
     try:

@@ -107,7 +107,21 @@ def test_figures_from_another_machine_are_named():
     assert "; except" not in report.render(results, "now")
     gpu = {**results["grad_step"]["machine"], "cpu_count": 16, "backend": "gpu"}
     results["train_paper"]["results"][0]["machine"] = gpu
-    assert "; except train_paper (x86_64, 16 cores, jax 0 (gpu))." in report.render(results, "now")
+    assert "; except train_paper (x86_64, 16 cores, jax 0 (gpu));" in report.render(results, "now")
+
+
+def test_attention_path_is_named_per_benchmark_when_they_differ():
+    results = _results(grad_s=8.05, act_s=4.0)
+    assert "; the networks' attention: pure JAX." in report.render(results, "now")
+    results["grad_step"]["machine"]["attention"] = "fused CPU kernel"
+    for row in results["train_small"]["results"] + results["train_paper"]["results"]:
+        row["machine"] = dict(results["grad_step"]["machine"])
+    assert "; the networks' attention: fused CPU kernel." in report.render(results, "now")
+    results["train_small"]["results"][1]["machine"]["attention"] = "pure JAX"
+    assert report.attention_text(results) == (
+        "the networks' attention: grad_step fused CPU kernel, "
+        "train_small fused CPU kernel and pure JAX, train_paper fused CPU kernel"
+    )
 
 
 def test_from_json_without_saved_results_names_what_is_missing(tmp_path, monkeypatch):
