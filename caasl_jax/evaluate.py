@@ -492,13 +492,12 @@ def check_progress_files(paths) -> None:
     """Before any rollout: ValueError naming the first of `paths` that exists but is no
     design-loop progress file (garbage, another format, a folder). Whether it is this
     run's progress is checked only when it is resumed (`runner.load_progress`)."""
-    from caasl_jax.baselines.runner import _PROGRESS_FORMAT
-    from caasl_jax.reward.checkpoint import read_tagged_msgpack
+    from caasl_jax.baselines.runner import read_progress
 
     for path in paths:
         if path.exists():
             try:
-                read_tagged_msgpack(path, _PROGRESS_FORMAT, "design-loop progress")
+                read_progress(path)
             except ValueError as error:
                 raise ValueError(f"{error}; delete it or choose another --checkpoint-dir") from None
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from caasl_jax.checks import CheckpointError
 from caasl_jax.cli import main as cli_main
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward.checkpoint import load_weights
@@ -128,6 +129,13 @@ def test_tiny_run_checkpoints_resumes_and_exports(tmp_path):
     # ... also when only the objective or the held-out set (which scored `best`) differs
     with pytest.raises(ValueError, match=r"different settings \(acyclicity, eval_seed\)"):
         main([*args, "--steps", "4", "--acyclicity", "5", "--eval-seed", "1"])
+    # each checkpoint's digest is recorded, and a checkpoint that no longer matches it
+    # is named instead of resumed from
+    digests = out / "ckpt.digests.json"
+    assert sorted(json.loads(digests.read_text())) == ["2", "4"]
+    digests.write_text(json.dumps({"4": "0" * 64}))
+    with pytest.raises(CheckpointError, match="checkpoint 4 under .* is damaged"):
+        main([*args, "--steps", "4"])
 
 
 def assert_resume_feeds_the_fresh_runs_program(argv, ckpt):

@@ -229,12 +229,18 @@ def save_progress(path: Path, run_id: str, steps_done: int, histories: History, 
     write_tagged_msgpack(path, tree)
 
 
+def read_progress(path: Path) -> dict:
+    """The saved tree of a design-loop progress file, whichever run wrote it;
+    ValueError naming the problem for anything else (garbage, another format)."""
+    from caasl_jax.reward.checkpoint import read_tagged_msgpack
+
+    return read_tagged_msgpack(path, _PROGRESS_FORMAT, "design-loop progress")
+
+
 def load_progress(path: Path, run_id: str, histories: History, states):
     """(steps_done, histories, states) saved by `save_progress` for the run `run_id`;
     `histories`/`states` are templates. ValueError naming the problem otherwise."""
-    from caasl_jax.reward.checkpoint import read_tagged_msgpack
-
-    tree = read_tagged_msgpack(path, _PROGRESS_FORMAT, "design-loop progress")
+    tree = read_progress(path)
     if tree.get("run") != run_id:
         raise ValueError(
             f"{path}: progress of another run (method, settings, environments, key or "

@@ -56,6 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from caasl_jax.checks import file_path_problem, folder_problem
 from caasl_jax.cli import DefaultsHelpFormatter, positive_int
+from caasl_jax.digest import record_digest
 from caasl_jax.files import write_atomically
 from caasl_jax.jsonl import keep_rows_up_to, to_line
 from caasl_jax.metrics import batch_metrics
@@ -763,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed": np.asarray(time.time() - t_start),
             "best": np.asarray(best),
         }
+        record_digest(manager, step, state)  # restore_step checks it (caasl_jax.digest)
         manager.save(step, args=ocp.args.StandardSave(state))
 
     start_of_run = time.time()
