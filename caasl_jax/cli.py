@@ -101,6 +101,7 @@ def _train(args) -> int:
         args.process_id,
         args.local_devices,
         auto=args.distributed_auto,
+        connect_timeout=args.connect_timeout,
     )
     devices = None
     if args.devices:
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     multi = train.add_argument_group(
         "multi-process (jax.distributed; see docs/distributed.md)",
         "or set CAASL_COORDINATOR / CAASL_NUM_PROCESSES / CAASL_PROCESS_ID / "
-        "CAASL_LOCAL_DEVICES / CAASL_DISTRIBUTED=auto",
+        "CAASL_LOCAL_DEVICES / CAASL_DISTRIBUTED=auto / CAASL_CONNECT_TIMEOUT",
     )
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's coordinator")
     multi.add_argument("--num-processes", type=positive_int, help="total number of processes")
@@ -226,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed-auto",
         action="store_true",
         help="let jax.distributed.initialize() detect the cluster (SLURM, MPI, TPU pods)",
+    )
+    multi.add_argument(
+        "--connect-timeout",
+        type=positive_int,
+        metavar="SECONDS",
+        help="how long each process waits for all of them to join (default: 300, or "
+        "CAASL_CONNECT_TIMEOUT)",
     )
     train.set_defaults(func=_train)
 

@@ -15,6 +15,7 @@ Settings come from explicit arguments, else from environment variables:
     CAASL_LOCAL_DEVICES  CPU only: number of (fake) CPU devices of this process
     CAASL_DISTRIBUTED    "auto": let jax.distributed.initialize() detect the cluster
                          (SLURM, Open MPI, TPU pods, ...)
+    CAASL_CONNECT_TIMEOUT  seconds each process waits for all of them to join (300)
 
 With none of them set, `initialize` does nothing and training is single-process.
 See docs/distributed.md for launch commands.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +37,8 @@ ENV_NUM_PROCESSES = "CAASL_NUM_PROCESSES"
 ENV_PROCESS_ID = "CAASL_PROCESS_ID"
 ENV_LOCAL_DEVICES = "CAASL_LOCAL_DEVICES"
 ENV_AUTO = "CAASL_DISTRIBUTED"
+ENV_CONNECT_TIMEOUT = "CAASL_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 300  # jax.distributed.initialize's own default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Settings:
     """How this process joins a multi-process run (all None: a single process).
 
     auto: call jax.distributed.initialize() without arguments (cluster auto-detection).
+    connect_timeout: seconds each process waits for all processes to join.
     """
 
     coordinator: str | None = None
@@ -49,6 +54,7 @@ class Settings:
     process_id: int | None = None
     local_device_count: int | None = None
     auto: bool = False
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT
 
     @property
     def multi_process(self) -> bool:
@@ -72,6 +78,7 @@ def resolve_settings(
     local_device_count: int | None = None,
     auto: bool = False,
     environ: Mapping[str, str] | None = None,
+    connect_timeout: int | None = None,
 ) -> Settings:
     """Explicit arguments, each falling back to its CAASL_* variable; validated.
 
@@ -79,6 +86,8 @@ def resolve_settings(
     state is touched.
     """
     environ = os.environ if environ is None else environ
+    if connect_timeout is None:
+        connect_timeout = _int_from_env(environ, ENV_CONNECT_TIMEOUT)
     auto_raw = environ.get(ENV_AUTO, "").strip().lower()
     if auto_raw not in ("", "0", "auto", "1"):
         raise ValueError(f"{ENV_AUTO} must be 'auto' (or unset), got {auto_raw!r}")
@@ -92,6 +101,7 @@ def resolve_settings(
         if local_device_count is not None
         else _int_from_env(environ, ENV_LOCAL_DEVICES),
         auto=auto or auto_raw in ("auto", "1"),
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
     )
     validate(settings)
     return settings
@@ -103,6 +113,8 @@ def validate(settings: Settings) -> None:
     s = settings
     if s.local_device_count is not None and s.local_device_count < 1:
         raise ValueError(f"local device count must be >= 1, got {s.local_device_count}")
+    if s.connect_timeout < 1:
+        raise ValueError(f"connect timeout must be >= 1 s, got {s.connect_timeout}")
     explicit = (s.coordinator, s.num_processes, s.process_id)
     if s.auto:  # jax reads everything from the cluster's environment
         if any(x is not None for x in explicit):
@@ -138,6 +150,7 @@ def initialize(
     process_id: int | None = None,
     local_device_count: int | None = None,
     auto: bool = False,
+    connect_timeout: int | None = None,
 ) -> bool:
     """Join the multi-process run described by the arguments / CAASL_* variables.
 
@@ -145,11 +158,15 @@ def initialize(
     the CLI's, then train()'s) does nothing. Returns whether this process is part of
     a multi-process run. On CPU the cross-process collectives go through gloo.
     auto: let jax.distributed.initialize() read the cluster's environment (SLURM,
-    Open MPI, TPU pods, ...) instead of an explicit coordinator.
+    Open MPI, TPU pods, ...) instead of an explicit coordinator. connect_timeout:
+    seconds to wait for every process to join (CAASL_CONNECT_TIMEOUT, default 300).
     """
     if jax.distributed.is_initialized():
         return True
-    settings = resolve_settings(coordinator, num_processes, process_id, local_device_count, auto)
+    settings = resolve_settings(
+        coordinator, num_processes, process_id, local_device_count, auto,
+        connect_timeout=connect_timeout,
+    )  # fmt: skip
     if settings.local_device_count is not None:
         jax.config.update("jax_num_cpu_devices", settings.local_device_count)
     if not settings.multi_process:
@@ -163,15 +180,34 @@ def initialize(
     # collective minutes ahead and gloo gave up waiting (30 s). Compiling everywhere
     # keeps the processes in step.
     jax.config.update("jax_enable_compilation_cache", False)
+    print(joining_message(settings), file=sys.stderr, flush=True)
     if settings.auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=settings.connect_timeout)
     else:
         jax.distributed.initialize(
             coordinator_address=settings.coordinator,
             num_processes=settings.num_processes,
             process_id=settings.process_id,
+            initialization_timeout=settings.connect_timeout,
         )
     return True
+
+
+def joining_message(settings: Settings) -> str:
+    """What a process prints before it waits for the others: JAX waits silently, and a
+    process that never starts keeps the rest waiting until the timeout (as a duplicate
+    process id waits for it, then aborts)."""
+    if settings.auto:
+        who = "this process (cluster auto-detection)"
+        everyone = "all processes"
+    else:
+        who = f"process {settings.process_id} of {settings.num_processes}"
+        everyone = f"all {settings.num_processes} processes at {settings.coordinator}"
+    return (
+        f"caasl: {who} waits up to {settings.connect_timeout} s for {everyone} to join "
+        f"({ENV_CONNECT_TIMEOUT} or --connect-timeout changes it); if it times out, check "
+        "that every process started and that their process ids are distinct"
+    )
 
 
 def check_coordinator_port_free(coordinator: str) -> None:

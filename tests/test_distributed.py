@@ -155,8 +155,9 @@ def launch(script, args, *, local_devices, coordinator=None, num_processes=1, pr
             CAASL_COORDINATOR=coordinator,
             CAASL_NUM_PROCESSES=str(num_processes),
             CAASL_PROCESS_ID=str(process_id),
+            CAASL_CONNECT_TIMEOUT="240",
         )
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, str(script), str(Path(__file__).parent), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -164,6 +165,11 @@ def launch(script, args, *, local_devices, coordinator=None, num_processes=1, pr
         env=env,
         cwd=ROOT,
     )
+    # what a process that joins a run must say before it waits (checked by `finish`)
+    process.joining_line = (
+        f"caasl: process {process_id} of {num_processes} waits up to 240 s" if coordinator else ""
+    )
+    return process
 
 
 def finish(processes) -> None:
@@ -179,6 +185,7 @@ def finish(processes) -> None:
                 process.communicate()
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0 and "WORKER OK" in out, out[-2000:] + err[-4000:]
+        assert process.joining_line in err, err[-4000:]  # with CAASL_CONNECT_TIMEOUT
 
 
 def agent_leaves(npz) -> list[np.ndarray]:
@@ -323,6 +330,12 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
         ({}, {"CAASL_DISTRIBUTED": "auto"}, distributed.Settings(auto=True)),
         ({"local_device_count": 4}, {}, distributed.Settings(local_device_count=4)),
         ({"auto": True}, {}, distributed.Settings(auto=True)),
+        ({}, {"CAASL_CONNECT_TIMEOUT": "20"}, distributed.Settings(connect_timeout=20)),
+        (
+            {"connect_timeout": 5},
+            {"CAASL_CONNECT_TIMEOUT": "20"},
+            distributed.Settings(connect_timeout=5),
+        ),
     ],
 )
 def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
@@ -344,6 +357,8 @@ def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
         ({}, {"CAASL_NUM_PROCESSES": "two"}, "CAASL_NUM_PROCESSES must be an integer"),
         ({"local_device_count": 0}, {}, "local device count must be >= 1"),
         ({}, {"CAASL_DISTRIBUTED": "yes"}, "CAASL_DISTRIBUTED must be 'auto'"),
+        ({}, {"CAASL_CONNECT_TIMEOUT": "0"}, "connect timeout must be >= 1 s, got 0"),
+        ({}, {"CAASL_CONNECT_TIMEOUT": "1m"}, "CAASL_CONNECT_TIMEOUT must be an integer"),
         ({"process_id": 9, "auto": True}, {}, "would ignore the coordinator"),
         (
             {"coordinator": "h:1", "num_processes": 2, "process_id": 0},
@@ -355,6 +370,15 @@ def test_settings_resolve_arguments_then_environment(kwargs, environ, expected):
 def test_bad_settings_fail_clearly(kwargs, environ, message):
     with pytest.raises(ValueError, match=message):
         distributed.resolve_settings(**kwargs, environ=environ)
+
+
+def test_joining_message_says_who_waits_for_whom_and_how_long():
+    settings = distributed.resolve_settings("h:1", 3, 2, connect_timeout=40, environ={})
+    assert distributed.joining_message(settings).startswith(
+        "caasl: process 2 of 3 waits up to 40 s for all 3 processes at h:1 to join"
+    )
+    auto = distributed.joining_message(distributed.Settings(auto=True))
+    assert "cluster auto-detection) waits up to 300 s" in auto
 
 
 def test_second_process_zero_is_refused_while_the_port_is_taken():
@@ -369,7 +393,8 @@ def test_second_process_zero_is_refused_while_the_port_is_taken():
         result = subprocess.run(
             [sys.executable, "-c", "from caasl_jax.cli import console_main; console_main()",
              "train", "--config", "small", "--run-dir", "unused",
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"],
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0",
+             "--connect-timeout", "60"],
             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
         )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
