@@ -176,6 +176,70 @@ def test_self_attention_layer_uses_the_kernel_on_cpu(monkeypatch):
     assert networks.cpu_attention is cpu_attention
 
 
+def test_other_float_types_use_the_jax_attention_and_the_kernel_names_them():
+    """The kernel is float32 only: a bfloat16 network traces the pure-JAX attention,
+    and a direct call names the type instead of failing inside XLA."""
+    if not cpu_attention.available():
+        pytest.skip(cpu_attention.unavailable_reason())
+    assert not cpu_attention.use_for_current_backend(jnp.bfloat16)
+    layer = SelfAttention(num_heads=2, dropout=0.0, deterministic=True)
+    x = jnp.ones((6, 8), jnp.bfloat16)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), layer.init(jax.random.key(0), x))
+    assert layer.apply(params, x).dtype == jnp.bfloat16
+    assert "caasl_attention" not in jax.jit(layer.apply).lower(params, x).as_text()
+    q = jnp.ones((5, 2, 4), jnp.bfloat16)
+    with pytest.raises(TypeError, match="q must be float32, got bfloat16"):
+        cpu_attention.attention(q, q, q)
+    f = jnp.ones((5, 2, 4))
+    with pytest.raises(ValueError, match="heads and width"):
+        cpu_attention.attention(f, jnp.ones((5, 2, 3)), jnp.ones((5, 2, 3)))
+
+
+def test_broadcast_dropout_scale_matches_jax_attention():
+    if not cpu_attention.available():
+        pytest.skip(cpu_attention.unavailable_reason())
+    q, k, v, *_ = _operands(3, (2,), 5, 6, 2, 4, masked=False, dropped=False)
+    drop = jax.random.uniform(jax.random.key(9), (1, 5, 6)) * 2.0  # one mask for all heads
+    np.testing.assert_allclose(
+        cpu_attention.attention(q, k, v, None, drop), _heads_first(q, k, v, None, drop),
+        atol=ATOL,
+    )  # fmt: skip
+
+
+def test_library_name_depends_on_the_machine(monkeypatch, tmp_path):
+    """A kernel folder shared by machines (CAASL_KERNEL_CACHE on a shared home) never
+    hands one CPU's -march=native library to another."""
+    from caasl_jax import compile_cache
+
+    monkeypatch.setenv(cpu_attention.KERNEL_CACHE, str(tmp_path))
+    here = cpu_attention._library_path("c++")
+    monkeypatch.setattr(compile_cache, "this_machine_tag", lambda: "x86_64-other-cpu")
+    assert cpu_attention._library_path("c++") != here
+    assert here.parent == tmp_path
+
+
+def test_damaged_cached_library_is_rebuilt(tmp_path):
+    """A truncated or foreign file where the library should be is rebuilt, not left to
+    disable the kernel in every later process."""
+    if cpu_attention._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    script = (
+        "from caasl_jax.kernels import cpu_attention as c\n"
+        "path = c._library_path(c._compiler())\n"
+        "path.parent.mkdir(parents=True, exist_ok=True)\n"
+        "path.write_bytes(b'not a shared library')\n"
+        "assert c.available(), c.unavailable_reason()\n"
+        "assert path.read_bytes()[:4] == b'\\x7fELF'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, cpu_attention.KERNEL_CACHE: str(tmp_path / "kernels")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
+
+
 def test_failed_build_names_the_command(tmp_path):
     """A compiler that fails: the error names the command and keeps nothing behind."""
     with pytest.raises(RuntimeError, match="false .*-march=native.*failed"):

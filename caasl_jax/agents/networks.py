@@ -305,7 +305,7 @@ class SelfAttention(nn.Module):
             s = x.shape[-2]
             weights_shape = (*x.shape[:-2], self.num_heads, s, s)
             drop_scale = HashDropout(self.dropout).keep_scale(weights_shape, x.dtype)
-        if cpu_attention.use_for_current_backend():  # fused kernel, heads in place
+        if cpu_attention.use_for_current_backend(q.dtype):  # fused kernel, heads in place
             out = cpu_attention.attention(q, k, v, key_mask, drop_scale)
         else:
             # heads-first layout [..., H, S, C] makes both products plain batched

@@ -9,8 +9,10 @@ keeps one head at a time in L1 cache, forward and backward, and reads q, k, v in
 The shared library is compiled with the system's C++ compiler (`$CXX`, else `c++`,
 `g++` or `clang++`; `-O3 -march=native`, about 3 s) against jaxlib's FFI headers,
 into `$CAASL_KERNEL_CACHE` or `$XDG_CACHE_HOME/caasl-jax/kernels/<machine>/` (default
-`~/.cache`), keyed by the source, the compiler flags, jaxlib's version and the CPU's
-features. When that is not
+`~/.cache`), keyed by the source, the compiler, its version and flags, jaxlib's
+version and the CPU's features; a damaged file there is rebuilt. Built and tested with
+GCC; the source also spells its one GCC-only builtin for clang, untested here (no clang
+on the development VMs). The kernel takes float32 only. When that is not
 possible (no compiler, a read-only home) `available()` is False with the reason in
 `unavailable_reason()`, and the networks use their pure-JAX attention; so do they on
 accelerators, and everywhere when the environment sets `CAASL_CPU_KERNELS=off`.
@@ -62,14 +64,31 @@ def kernel_folder(environ=os.environ) -> Path | None:
     return home / "kernels" / this_machine_tag() if home else None
 
 
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
 def _library_path(compiler: str) -> Path | None:
-    """This source, these flags and this jaxlib's library in `kernel_folder()`."""
+    """The library for this source, compiler (and its version), flags, jaxlib and CPU
+    in `kernel_folder()`: a folder shared by several machines (CAASL_KERNEL_CACHE on a
+    shared home) never hands one CPU's -march=native code to another."""
     import jaxlib
+
+    from caasl_jax.compile_cache import this_machine_tag
 
     folder = kernel_folder()
     if folder is None:
         return None
-    what = (SOURCE.read_bytes(), " ".join((compiler, *FLAGS)).encode(), jaxlib.__version__.encode())
+    what = (
+        SOURCE.read_bytes(),
+        " ".join((compiler, *FLAGS)).encode(),
+        _compiler_version(compiler).encode(),
+        jaxlib.__version__.encode(),
+        this_machine_tag().encode(),
+    )
     digest = hashlib.sha256(b"\n".join(what)).hexdigest()[:16]
     return folder / f"attention-{digest}.so"
 
@@ -99,7 +118,11 @@ def _load() -> tuple[bool, str]:
             return False, f"no folder for the compiled kernel (set {KERNEL_CACHE} or HOME)"
         if not path.exists():
             _build(compiler, path)
-        library = ctypes.cdll.LoadLibrary(str(path))
+        try:
+            library = ctypes.cdll.LoadLibrary(str(path))
+        except OSError:  # a damaged file in the cache: build it again, once
+            _build(compiler, path)
+            library = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in _TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(library, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
@@ -123,10 +146,13 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def use_for_current_backend() -> bool:
-    """True when attention traced now should use the kernel: CPU backend and available.
-    Warns once a process when the kernel is wanted on a CPU but cannot be built."""
+def use_for_current_backend(dtype=jnp.float32) -> bool:
+    """True when attention on `dtype` operands traced now should use the kernel: CPU
+    backend, float32 (the kernel's only type) and available. Warns once a process when
+    the kernel is wanted on a CPU but cannot be built."""
     if jax.default_backend() != "cpu" or not enabled_by_environment():
+        return False
+    if jnp.dtype(dtype) != jnp.float32:
         return False
     loaded, why = _load()
     if not loaded:
@@ -168,8 +194,12 @@ def _key_mask(q, k, key_mask):
 
 
 def _drop_operand(q, drop):
-    """(target suffix, operand): the plain kernels take a 1-element placeholder."""
-    return ("", jnp.zeros((1,), q.dtype)) if drop is None else ("_drop", drop.astype(q.dtype))
+    """(target suffix, operand f32[..., H, S, T]): the plain kernels take a 1-element
+    placeholder."""
+    if drop is None:
+        return "", jnp.zeros((1,), q.dtype)
+    *lead, s, heads, _ = q.shape
+    return "_drop", jnp.broadcast_to(drop.astype(q.dtype), (*lead, heads, s, drop.shape[-1]))
 
 
 def _require() -> None:
@@ -178,8 +208,27 @@ def _require() -> None:
         raise RuntimeError(f"caasl_jax.kernels.cpu_attention is unavailable: {why}")
 
 
+def _check_operands(q, k, v) -> None:
+    """TypeError / ValueError naming what the kernel cannot take (it has no broadcasting
+    and float32 only), instead of a runtime error from inside XLA."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype != jnp.float32:
+            raise TypeError(f"cpu_attention.attention: {name} must be float32, got {x.dtype}")
+    if q.ndim < 3 or k.shape != v.shape or k.shape[:-3] != q.shape[:-3]:
+        raise ValueError(
+            "cpu_attention.attention: need q [..., S, H, C] and k, v [..., T, H, C] with "
+            f"the same leading dims, got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if k.shape[-2:] != q.shape[-2:] or k.shape[-3] < 1:
+        raise ValueError(
+            f"cpu_attention.attention: heads and width of q {q.shape} and k {k.shape} "
+            "must agree, with at least one key"
+        )
+
+
 def _forward(q, k, v, key_mask, drop_scale):
     _require()
+    _check_operands(q, k, v)
     mask = _key_mask(q, k, key_mask)
     suffix, drop = _drop_operand(q, drop_scale)
     stats = jax.ShapeDtypeStruct((*q.shape[:-3], q.shape[-2], q.shape[-3]), q.dtype)
