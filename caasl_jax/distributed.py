@@ -86,22 +86,21 @@ def resolve_settings(
     state is touched.
     """
     environ = os.environ if environ is None else environ
-    if connect_timeout is None:
-        connect_timeout = _int_from_env(environ, ENV_CONNECT_TIMEOUT)
+
+    def given_or_env(value: int | None, name: str) -> int | None:
+        return value if value is not None else _int_from_env(environ, name)
+
     auto_raw = environ.get(ENV_AUTO, "").strip().lower()
     if auto_raw not in ("", "0", "auto", "1"):
         raise ValueError(f"{ENV_AUTO} must be 'auto' (or unset), got {auto_raw!r}")
+    timeout = given_or_env(connect_timeout, ENV_CONNECT_TIMEOUT)
     settings = Settings(
         coordinator=coordinator or environ.get(ENV_COORDINATOR, "").strip() or None,
-        num_processes=num_processes
-        if num_processes is not None
-        else _int_from_env(environ, ENV_NUM_PROCESSES),
-        process_id=process_id if process_id is not None else _int_from_env(environ, ENV_PROCESS_ID),
-        local_device_count=local_device_count
-        if local_device_count is not None
-        else _int_from_env(environ, ENV_LOCAL_DEVICES),
+        num_processes=given_or_env(num_processes, ENV_NUM_PROCESSES),
+        process_id=given_or_env(process_id, ENV_PROCESS_ID),
+        local_device_count=given_or_env(local_device_count, ENV_LOCAL_DEVICES),
         auto=auto or auto_raw in ("auto", "1"),
-        connect_timeout=DEFAULT_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout,
     )
     validate(settings)
     return settings

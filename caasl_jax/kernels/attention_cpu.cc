@@ -289,7 +289,7 @@ void for_heads(ffi::ThreadPool pool, const Dims& d, const Fn& fn) {
 
 // Reads the sizes from q [..., S, H, C] and k [..., T, H, C] and checks every other
 // operand's element count, so that a mismatched call fails instead of reading past a
-// buffer. drop_count: elements of the drop operand, checked when drop is used.
+// buffer. uses_drop: whether the drop operand is read (else a 1-element placeholder).
 ffi::Error dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                    const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::F32>& key_mask,
                    const ffi::Buffer<ffi::F32>& drop, bool uses_drop, Dims* d) {
