@@ -143,12 +143,13 @@ def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, ca
     assert reward_reference.main(argv) == 0
     table = reward_reference.json.loads(out.read_text())
     predictors = table["predictors"]
-    assert len(predictors) == 5 and table["eval_envs"] == 3
+    assert len(predictors) == 9 and table["eval_envs"] == 3
     for scores in predictors.values():
         assert 0.0 <= scores["expected_correct"] <= 9.0
     # a 0/1 prediction's expected correct entries are the d^2 entries minus its SHD
     # with every reversed edge counted twice (once in SHD)
-    for name in ("bootstrapped GIES, thresholded at 0.5", "empty graph"):
+    best = "exact posterior, thresholded at 0.5 (the best any predictor can do)"
+    for name in ("bootstrapped GIES, thresholded at 0.5", "empty graph", best):
         shd, correct = predictors[name]["shd"], predictors[name]["expected_correct"]
         assert 9.0 - 2 * shd - 1e-5 <= correct <= 9.0 - shd + 1e-5
     assert predictors["empty graph"]["expected_correct"] == 9.0 - predictors["empty graph"]["shd"]
