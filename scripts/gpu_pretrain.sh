@@ -6,7 +6,8 @@
 # Settings (environment variables): DEADLINE_S (400: the whole script ends within it,
 # so a device call with timeout_s 420 always returns its files), PRETRAIN_ENV
 # (linear-d10), RUN_DIR (runs/reward-<env>-gpu), QUICK=1 (a toy model, a smoke test
-# of this script on a CPU in about a minute).
+# of this script on a CPU in about a minute), STANDARDIZATION (none for linear envs,
+# as the shipped linear-d10 model reads its input; auto otherwise: log2_cpm for SERGIO).
 #
 # Steps: (1) a calibration run of 6 compiled calls (in a temporary folder, at most
 # 150 s) measures the step rate and the compile time; (2) the real run trains until
@@ -33,6 +34,8 @@ set -euo pipefail
 ENV_NAME=${PRETRAIN_ENV:-linear-d10}
 OUT_DIR=${OUT:-runs/gpu-pretrain}
 RUN_DIR=${RUN_DIR:-runs/reward-$ENV_NAME-gpu}
+if [[ "$ENV_NAME" == linear-* ]]; then STANDARDIZATION=${STANDARDIZATION:-none}; fi
+STANDARDIZATION=${STANDARDIZATION:-auto}
 if [[ "${QUICK:-0}" == 1 ]]; then
   DEADLINE_S=${DEADLINE_S:-90}; RESERVE_S=10; PER_CALL=5; EVAL_ENVS=10
   MODEL=(--dim 16 --layers 1 --heads 2 --key-size 8 --widening 2 --batch 8 --lr 1e-3)
@@ -48,7 +51,7 @@ train_seconds_left() {  # of the deadline, after the reserve; never under 10
 mkdir -p "$OUT_DIR" "$(dirname "$RUN_DIR")"
 source scripts/gpu_site.sh
 PRETRAIN=(python3 -m caasl_jax.reward.pretrain --env "$ENV_NAME" "${MODEL[@]}"
-          --steps-per-call "$PER_CALL" --no-progress)
+          --standardization "$STANDARDIZATION" --steps-per-call "$PER_CALL" --no-progress)
 
 if [[ -f "$RUN_DIR/run.json" ]]; then
   plan=$(python3 - "$RUN_DIR" <<'PY'

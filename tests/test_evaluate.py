@@ -1,6 +1,7 @@
 """Evaluation: suites, baselines' designs, compiled-function reuse, policy files, errors."""
 
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -320,3 +321,14 @@ def test_a_reward_model_for_another_env_family_is_flagged():
     """caasl train warned about this mismatch; caasl evaluate did not."""
     with pytest.warns(UserWarning, match="'log2_cpm', but 'linear-d3' data call for 'zscore'"):
         ev.evaluate_suite(["linear-d3"], ["random"], n_envs=2, reward_model="sergio-d10")
+
+
+def test_raw_and_zscored_real_values_are_one_family():
+    from caasl_jax.reward.standardize import warn_if_other_family
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_other_family("linear-d10", "none", "linear-d3")  # raw values: no warning
+        warn_if_other_family("linear-zscore-d10", "zscore", "linear-ood-graph-d5")
+    with pytest.warns(UserWarning, match="'none', but 'sergio-d3' data call for 'log2_cpm'"):
+        warn_if_other_family("linear-d10", "none", "sergio-d3")

@@ -54,6 +54,9 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     assert best == max(log, key=lambda r: r["eval_expected_correct"])
     assert 0 < best["step"] <= plan["steps"]
     assert (out / "linear-d10-gpu.msgpack").stat().st_size > 0
+    from caasl_jax.reward.checkpoint import load_weights
+
+    assert load_weights(out / "linear-d10-gpu.msgpack").config.standardization == "none"
     with tarfile.open(out / "run.tar") as tar:
         names = tar.getnames()
     assert "reward-gpu/run.json" in names
