@@ -56,7 +56,9 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     assert (out / "linear-d10-gpu.msgpack").stat().st_size > 0
     from caasl_jax.reward.checkpoint import load_weights
 
-    assert load_weights(out / "linear-d10-gpu.msgpack").config.standardization == "none"
+    exported = load_weights(out / "linear-d10-gpu.msgpack")
+    assert exported.config.standardization == "zscore"
+    assert "intervention_gain" in exported.meta["heldout"] and "eval_intervention_gain" in best
     with tarfile.open(out / "run.tar") as tar:
         names = tar.getnames()
     assert "reward-gpu/run.json" in names

@@ -303,3 +303,18 @@ def test_budget_plan_fits_the_steps_to_the_time_left_after_compiling():
     assert tiny["steps"] == 10  # never fewer than 2 calls
     with pytest.raises(ValueError, match="logged 1 evaluations, needs 2"):
         plan_for_budget([{"time_s": 1.0}], 3, 50, budget_s=300.0)
+
+
+def test_intervention_gain_is_what_the_design_rows_add():
+    """Held-out `intervention_gain` = expected correct with the design rows minus with
+    the n0 observational rows alone (the same systems, evaluated with budget 0)."""
+    from caasl_jax.reward.pretrain import evaluate_weights
+
+    setting = {"n0": 20, "budget": 5}
+    full = evaluate_weights("linear-sparse-d5", "linear-sparse-d5", 8, 3, setting)
+    alone = evaluate_weights("linear-sparse-d5", "linear-sparse-d5", 8, 3, {**setting, "budget": 0})
+    assert full["intervention_gain"] == pytest.approx(
+        full["expected_correct"] - alone["expected_correct"], abs=1e-4
+    )
+    assert abs(full["intervention_gain"]) > 1e-3  # the model reads the design rows
+    assert alone["intervention_gain"] == pytest.approx(0.0, abs=1e-6)

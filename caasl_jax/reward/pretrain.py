@@ -59,7 +59,7 @@ from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.digest import record_digest
 from caasl_jax.files import write_atomically
 from caasl_jax.jsonl import keep_rows_up_to, to_line
-from caasl_jax.metrics import batch_metrics
+from caasl_jax.metrics import batch_metrics, expected_correct_entries
 from caasl_jax.reward.checkpoint import save_weights
 from caasl_jax.reward.model import AviciConfig, edge_logits, edge_probs, init_params, param_count
 from caasl_jax.reward.standardize import standardization_for_env
@@ -321,11 +321,22 @@ def mean_metrics(probs: jax.Array, graph: jax.Array) -> dict[str, float]:
     return {k: float(jnp.mean(v)) for k, v in jax.jit(batch_metrics)(probs, graph).items()}
 
 
-def make_evaluator(config: AviciConfig, heldout, chunk: int = 50):
-    """params -> mean held-out metrics of heldout = (data, mask, graph)."""
+def make_evaluator(config: AviciConfig, heldout, n0: int, chunk: int = 50):
+    """params -> mean held-out metrics of heldout = (data, mask, graph), plus
+    `intervention_gain`: the expected correct entries the design rows add to the first
+    n0 (observational) rows, i.e. the return random designs earn under this model (a
+    model that ignores interventional rows gives a design policy nothing to learn)."""
     data, mask, graph = heldout
     probs = make_heldout_probs(config, data, mask, chunk)
-    return lambda params: mean_metrics(probs(params), graph)
+    observational = mask & (jnp.arange(mask.shape[-1]) < n0)
+    observational_probs = make_heldout_probs(config, data, observational, chunk)
+
+    def evaluate(params) -> dict[str, float]:
+        metrics = mean_metrics(probs(params), graph)
+        before = jnp.mean(jax.vmap(expected_correct_entries)(observational_probs(params), graph))
+        return {**metrics, "intervention_gain": metrics["expected_correct"] - float(before)}
+
+    return evaluate
 
 
 # --------------------------------------------------------------------------- CLI
@@ -468,7 +479,8 @@ def evaluate_weights(
 
     params, config = load_reward_model(weights)
     env = make_env(env_name, **(env_overrides or {}))
-    metrics = make_evaluator(config, heldout_set(env, jax.random.key(seed), n_envs))(params)
+    heldout = heldout_set(env, jax.random.key(seed), n_envs)
+    metrics = make_evaluator(config, heldout, env.n0)(params)
     return {"weights": weights, "env": env_name, "eval_envs": n_envs, "eval_seed": seed, **metrics}
 
 
@@ -724,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     params, opt_state = fresh_state(init_key, config, env.d, tx)
     chunk = make_train_chunk(env, config, tx, mix, args.batch, args.steps_per_call, args.acyclicity)
     heldout = heldout_set(env, jax.random.key(args.eval_seed), args.eval_envs)
-    evaluate = make_evaluator(config, heldout)
+    evaluate = make_evaluator(config, heldout, env.n0)
 
     log_path, best_path = out / "log.jsonl", out / "best.msgpack"
     best, step, elapsed = -np.inf, 0, 0.0
