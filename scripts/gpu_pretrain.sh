@@ -5,10 +5,11 @@
 #     bash scripts/gpu_pretrain.sh          # results under $OUT, else runs/gpu-pretrain/
 # Settings (environment variables): DEADLINE_S (400: the whole script ends within it,
 # so a device call with timeout_s 420 always returns its files), PRETRAIN_ENV
-# (linear-d10), RUN_DIR (runs/reward-<env>-gpu), QUICK=1 (a toy model, a smoke test
-# of this script on a CPU in about a minute), STANDARDIZATION (auto: z-score, log2_cpm
-# for SERGIO; `none` reads raw values, which scores higher on the held-out set but, at
-# CPU budgets, gains little from interventional rows: MODEL_CARD.md, linear-raw-d10).
+# (linear-d10), RUN_DIR (runs/reward-<env>-gpu; runs/reward-<env>-<standardization>-gpu
+# for another STANDARDIZATION), QUICK=1 (a toy model, a smoke test of this script on a
+# CPU in about a minute), STANDARDIZATION (auto: z-score, log2_cpm for SERGIO; `none`
+# reads raw values, which scores higher on the held-out set but, at CPU budgets, gains
+# little from interventional rows: MODEL_CARD.md, linear-raw-d10).
 #
 # Steps: (1) a calibration run of 6 compiled calls (in a temporary folder, at most
 # 150 s) measures the step rate and the compile time; (2) the real run trains until
@@ -19,8 +20,9 @@
 # evaluated along the way.
 # A run cut short (its time ran out before its schedule ended, or the call was killed
 # after a checkpoint) resumes on a later lease: carry RUN_DIR back and rerun; the
-# calibration is skipped and the run keeps its own schedule. A finished run only
-# re-exports its weights.
+# calibration is skipped and the run keeps its own schedule and standardisation (a
+# STANDARDIZATION set to another one is refused). A finished run only re-exports its
+# weights.
 #
 # Files under $OUT (the device tool brings back at most 8 files, 2 folders deep):
 #   <env>-gpu.msgpack  best weights by held-out expected correct entries
@@ -34,8 +36,13 @@
 set -euo pipefail
 ENV_NAME=${PRETRAIN_ENV:-linear-d10}
 OUT_DIR=${OUT:-runs/gpu-pretrain}
-RUN_DIR=${RUN_DIR:-runs/reward-$ENV_NAME-gpu}
+STANDARDIZATION_ASKED=${STANDARDIZATION:-}
 STANDARDIZATION=${STANDARDIZATION:-auto}
+if [[ "$STANDARDIZATION" == auto ]]; then
+  RUN_DIR=${RUN_DIR:-runs/reward-$ENV_NAME-gpu}
+else
+  RUN_DIR=${RUN_DIR:-runs/reward-$ENV_NAME-$STANDARDIZATION-gpu}
+fi
 if [[ "${QUICK:-0}" == 1 ]]; then
   DEADLINE_S=${DEADLINE_S:-90}; RESERVE_S=10; PER_CALL=5; EVAL_ENVS=10
   MODEL=(--dim 16 --layers 1 --heads 2 --key-size 8 --widening 2 --batch 8 --lr 1e-3)
@@ -50,20 +57,29 @@ train_seconds_left() {  # of the deadline, after the reserve; never under 10
 }
 mkdir -p "$OUT_DIR" "$(dirname "$RUN_DIR")"
 source scripts/gpu_site.sh
-PRETRAIN=(python3 -m caasl_jax.reward.pretrain --env "$ENV_NAME" "${MODEL[@]}"
-          --standardization "$STANDARDIZATION" --steps-per-call "$PER_CALL" --no-progress)
 
 if [[ -f "$RUN_DIR/run.json" ]]; then
   plan=$(python3 - "$RUN_DIR" <<'PY'
 import json, sys
 argv = json.load(open(f"{sys.argv[1]}/run.json"))["argv"]  # the run's own command
-value = lambda flag: argv[argv.index(flag) + 1]
-print(value("--steps"), value("--warmup"), value("--eval-every"))
+value = lambda flag, default=None: argv[argv.index(flag) + 1] if flag in argv else default
+print(value("--steps"), value("--warmup"), value("--eval-every"),
+      value("--standardization", "auto"))
 PY
 )
-  read -r STEPS WARMUP EVERY <<< "$plan"
-  echo "resuming $RUN_DIR: $STEPS steps"
-else
+  read -r STEPS WARMUP EVERY RUN_STANDARDIZATION <<< "$plan"
+  if [[ -n "$STANDARDIZATION_ASKED" && "$STANDARDIZATION_ASKED" != "$RUN_STANDARDIZATION" ]]; then
+    echo "STANDARDIZATION=$STANDARDIZATION_ASKED, but the run in $RUN_DIR reads its input" \
+      "as $RUN_STANDARDIZATION: unset it to resume that run, or set RUN_DIR to a new folder" >&2
+    exit 2
+  fi
+  STANDARDIZATION=$RUN_STANDARDIZATION
+  echo "resuming $RUN_DIR: $STEPS steps, standardization $STANDARDIZATION"
+fi
+PRETRAIN=(python3 -m caasl_jax.reward.pretrain --env "$ENV_NAME" "${MODEL[@]}"
+          --standardization "$STANDARDIZATION" --steps-per-call "$PER_CALL" --no-progress)
+
+if [[ ! -f "$RUN_DIR/run.json" ]]; then
   calib=$(mktemp -d)
   trap 'rm -rf "$calib"' EXIT
   timeout 150 "${PRETRAIN[@]}" --out "$calib" --steps $((6 * PER_CALL)) \

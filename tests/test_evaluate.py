@@ -328,7 +328,7 @@ def test_raw_and_zscored_real_values_are_one_family():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_if_other_family("linear-d10", "none", "linear-d3")  # raw values: no warning
+        warn_if_other_family("linear-raw-d10", "none", "linear-d3")  # raw values: no warning
         warn_if_other_family("linear-zscore-d10", "zscore", "linear-ood-graph-d5")
     with pytest.warns(UserWarning, match="'none', but 'sergio-d3' data call for 'log2_cpm'"):
-        warn_if_other_family("linear-d10", "none", "sergio-d3")
+        warn_if_other_family("linear-raw-d10", "none", "sergio-d3")

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
+from caasl_jax.baselines import exact_posterior
 from caasl_jax.baselines.exact_posterior import (
     ExactPrior,
     exact_edge_posterior,
     exact_prior_problem,
     local_log_marginals,
+    node_log_marginals,
     order_edge_posterior,
 )
 from caasl_jax.baselines.posterior import history_rows
@@ -67,8 +69,10 @@ def test_local_marginal_matches_numerical_integration(small_history, j, parents)
     assert np.isneginf(local[j, mask | (1 << j)])  # a node is never its own parent
 
 
-def test_empty_parent_set_matches_student_t_closed_form(small_history):
+@pytest.mark.parametrize("scale", [1.0, 1000.0])  # 1000: far above the prior's noise scale
+def test_empty_parent_set_matches_student_t_closed_form(small_history, scale):
     x, targets = small_history
+    x = x * scale
     local = local_log_marginals(x, targets, PRIOR)
     for j in range(4):
         y = x[~targets[:, j], j]
@@ -118,38 +122,59 @@ def test_sum_over_orders_matches_enumeration(small_history, edge_prob):
     )
 
 
-def test_posterior_is_calibrated_on_draws_from_the_env_prior():
+def _weights_of_variance_one(node_log_marginals):
+    """node_log_marginals with weights ~ N(0, I) instead of the env's N(0, I/k): scaling
+    the Gram matrix by k and the cross products by sqrt(k) multiplies the prior's
+    covariance X_S X_S^T / k by k."""
+
+    def perturbed(gram, cross, sq, n, grid):
+        k = max(gram.shape[-1], 1)
+        return node_log_marginals(gram * k, cross * math.sqrt(k), sq, n, grid)
+
+    return perturbed
+
+
+def test_posterior_is_calibrated_on_draws_from_the_env_prior(monkeypatch):
     """On systems drawn from the env's prior, a correct posterior's self-assessed
-    expected-correct score matches the realised one; a misspecified prior scores worse."""
-    env = make_env("linear-d4", edges_per_node=1.0, n0=15, budget=4)
-    data, mask, graph = heldout_set(env, jax.random.key(0), 200)
+    expected-correct score matches the realised one, and on the same systems it has a
+    lower log loss than posteriors that get one part of the prior or the data wrong:
+    weights of variance 1 instead of 1/|pa|, do-targets ignored, a wrong edge density."""
+    env = make_env("linear-d5", edges_per_node=1.2, n0=15, budget=4)
+    data, mask, graph = heldout_set(env, jax.random.key(0), 300)
     prior = ExactPrior.of_env(env)
-    assert prior.edge_prob == pytest.approx(2 / 3)
-    wrong = ExactPrior(0.15, prior.noise_concentration, prior.noise_rate)
+    assert prior.edge_prob == pytest.approx(0.6)
+    histories = [history_rows(History(data[b], mask[b].sum())) for b in range(len(graph))]
+    g = np.asarray(graph, np.float64)
+    off = ~np.eye(env.d, dtype=bool)
 
-    def posteriors(p):
-        rows = [history_rows(History(data[b], mask[b].sum())) for b in range(len(graph))]
-        return np.stack([exact_edge_posterior(x, t, p) for x, t in rows])
+    def posteriors(p, ignore_targets=False):
+        return np.stack([exact_edge_posterior(x, t & ~ignore_targets, p) for x, t in histories])
 
-    q, g = posteriors(prior), np.asarray(graph, np.float64)
-    prior_mean = np.full_like(q, prior.edge_prob / 2) * (1 - np.eye(env.d))
+    def log_loss(q):  # f64[systems]
+        q = np.clip(q[:, off], 1e-9, 1 - 1e-9)
+        t = g[:, off]
+        return -np.mean(t * np.log(q) + (1 - t) * np.log1p(-q), axis=1)
 
     def expected_correct(p, truth):
         return (truth * p + (1 - truth) * (1 - p)).sum((1, 2))
 
-    realised, assessed = expected_correct(q, g), expected_correct(q, q)
-    gap = realised - assessed
+    q = posteriors(prior)
+    gap = expected_correct(q, g) - expected_correct(q, q)
     assert abs(gap.mean()) < 3 * gap.std() / math.sqrt(len(gap))
-    assert realised.mean() > expected_correct(prior_mean, g).mean() + 0.5
 
-    def log_loss(p):
-        off = ~np.eye(env.d, dtype=bool)
-        p = np.clip(p[:, off], 1e-9, 1 - 1e-9)
-        t = g[:, off]
-        return -np.mean(t * np.log(p) + (1 - t) * np.log1p(-p))
-
-    assert log_loss(q) < log_loss(posteriors(wrong)) - 0.02
-    assert log_loss(q) < log_loss(np.full_like(q, prior.edge_prob / 2)) - 0.05
+    prior_mean = np.full_like(q, prior.edge_prob / 2) * off
+    worse = {
+        "edge density 0.15": posteriors(ExactPrior(0.15, 10.0, 1.0)),
+        "do-targets ignored": posteriors(prior, ignore_targets=True),
+        "no data (the prior's mean)": prior_mean,
+    }
+    monkeypatch.setattr(
+        exact_posterior, "node_log_marginals", _weights_of_variance_one(node_log_marginals)
+    )
+    worse["weights of variance 1"] = posteriors(prior)
+    for name, other in worse.items():
+        extra = log_loss(other) - log_loss(q)  # paired: the same systems
+        assert extra.mean() > 3 * extra.std() / math.sqrt(len(extra)), name
 
 
 def test_recovers_a_strong_chain_from_interventional_data():

@@ -163,3 +163,19 @@ def test_reward_reference_scores_every_predictor_on_the_heldout_set(tmp_path, ca
         with pytest.raises(SystemExit):  # before the GIES fits
             reward_reference.main([*argv[:-2], "--out", str(bad_out), "--overwrite"])
         assert message in capsys.readouterr().err
+
+
+def test_reward_reference_leaves_out_the_exact_posterior_where_the_prior_is_not_its_own(
+    tmp_path,
+):
+    import reward_reference
+
+    out = tmp_path / "sf.json"
+    argv = ["--env", "linear-ood-graph-d3", "--weights", "linear-sparse-d5", "--n-envs", "2",
+            "--particles", "2", "--out", str(out)]  # fmt: skip
+    assert reward_reference.main(argv) == 0
+    table = reward_reference.json.loads(out.read_text())
+    assert "graph_kind='sf' is not supported" in table["exact_posterior_skipped"]
+    assert "exact_posterior_seconds" not in table
+    assert len(table["predictors"]) == 5
+    assert not any(name.startswith("exact") for name in table["predictors"])

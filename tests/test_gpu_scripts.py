@@ -29,19 +29,20 @@ def _run_bash(command: list[str], **settings: str) -> subprocess.CompletedProces
     )
 
 
-def _run_script(tmp_path: Path) -> subprocess.CompletedProcess:
+def _run_script(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
     return _run_bash(
         ["scripts/gpu_pretrain.sh"],
         QUICK="1",
         DEADLINE_S="45",
         OUT=str(tmp_path / "out"),
         RUN_DIR=str(tmp_path / "runs" / "reward-gpu"),
+        **settings,
     )
 
 
 @pytest.mark.slow
 def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
-    first = _run_script(tmp_path)
+    first = _run_script(tmp_path, STANDARDIZATION="none")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "out"
     # what the device tool brings back: at most 8 plain files, no folders
@@ -57,7 +58,7 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     from caasl_jax.reward.checkpoint import load_weights
 
     exported = load_weights(out / "linear-d10-gpu.msgpack")
-    assert exported.config.standardization == "zscore"
+    assert exported.config.standardization == "none"
     assert "intervention_gain" in exported.meta["heldout"] and "eval_intervention_gain" in best
     with tarfile.open(out / "run.tar") as tar:
         names = tar.getnames()
@@ -65,9 +66,13 @@ def test_gpu_pretrain_script_calibrates_trains_exports_and_resumes(tmp_path):
     checkpoints = {n.split("/")[2] for n in names if n.startswith("reward-gpu/ckpt/")}
     assert len(checkpoints) == 1  # the latest only (the run folder keeps two)
 
-    second = _run_script(tmp_path)  # the run folder is there: resume, no calibration
+    other = _run_script(tmp_path, STANDARDIZATION="zscore")  # not the run's own
+    assert other.returncode == 2 and "reads its input as none" in other.stderr
+    # the run folder is there: resume with its own settings, no calibration
+    second = _run_script(tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming {tmp_path / 'runs' / 'reward-gpu'}: {plan['steps']} steps" in second.stdout
+    resumed = f"resuming {tmp_path / 'runs' / 'reward-gpu'}: {plan['steps']} steps"
+    assert f"{resumed}, standardization none" in second.stdout
     assert "calibrated" not in second.stdout
 
 

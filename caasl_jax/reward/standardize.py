@@ -97,7 +97,7 @@ def warn_if_other_family(reward_name: str, standardization: str, env_name: str) 
     """A UserWarning when a reward model's input standardisation is not the one
     `env_name`'s data call for (a model trained for another environment family)."""
     expected = standardization_for_env(env_name)
-    # real values may be read z-scored or raw ("none": the shipped linear-d10 model)
+    # real values may be read z-scored or raw ("none": the shipped linear-raw-d10 model)
     if (standardization == "log2_cpm") != (expected == "log2_cpm"):
         warnings.warn(
             f"reward model {reward_name!r} reads its input as {standardization!r}, but "
