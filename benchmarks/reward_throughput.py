@@ -8,9 +8,12 @@ one jitted vmapped call, compile excluded) for
 - the official AVICI size (dim 128, 8 layers = 16 blocks, 8 heads, key size 32; 4.27M
   parameters), randomly initialised,
 - avici's own Haiku model at the official size, when the reference install in .ref/
-  exists (see tests/reference/avici_ref.py), on the same inputs.
-The official-size models run `--big-repeats` timed calls (default 1) after compiling
-ahead of time, so the whole benchmark stays within a few minutes on 2 CPU cores.
+  exists (see tests/reference/avici_ref.py), on the same inputs;
+- the exact posterior of the linear-dN prior (caasl_jax/reward/exact.py, float32, the
+  oracle reward `reward_model: exact`), `--exact-batch` histories, d <= 14.
+The official-size models and the exact posterior run `--big-repeats` timed calls
+(default 1) after compiling ahead of time, so the whole benchmark stays within a few
+minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def ours(config: AviciConfig, params, batch, n, d, repeats) -> dict:
             "histories_per_s": round(batch / timing["median_s"], 2), **timing}
 
 
+def exact(batch, n, d, repeats) -> dict:
+    from caasl_jax.envs.registry import make_env
+    from caasl_jax.reward.exact import ExactPrior, exact_edge_probs
+
+    try:
+        prior = ExactPrior.of_env(make_env(f"linear-d{d}"))
+    except ValueError as err:
+        return {"skipped": str(err)}
+    data, mask = _inputs(batch, n, d)
+    fn = jax.vmap(lambda x, m: exact_edge_probs(x[..., 0], x[..., 1] > 0.5, m, prior))
+    timing = _measure(fn, (data, mask), repeats)
+    return {"batch": batch, "histories_per_s": round(batch / timing["median_s"], 2), **timing}
+
+
 def avici_haiku(batch, n, d, repeats) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     try:
@@ -100,6 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--big-repeats", type=positive_int, default=1)
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--skip-haiku", action="store_true")
+    parser.add_argument("--exact-batch", type=positive_int, default=1000)
+    parser.add_argument("--skip-exact", action="store_true")
     args = parser.parse_args(argv)
 
     if "linear-d10" in available_pretrained():
@@ -124,6 +143,8 @@ def main(argv=None) -> int:
     if not args.skip_haiku:
         result["official_avici_haiku"] = avici_haiku(args.big_batch, args.n, args.d,
                                                      args.big_repeats)
+    if not args.skip_exact:
+        result["exact_posterior"] = exact(args.exact_batch, args.n, args.d, args.big_repeats)
     emit(result)
     return 0
 

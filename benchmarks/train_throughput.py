@@ -37,7 +37,7 @@ def measure(args) -> dict:
         jax.config.update("jax_num_cpu_devices", args.devices_here)
     from caasl_jax import replay as replay_lib
     from caasl_jax.config import load_config
-    from caasl_jax.train import AviciScore, make_trainer
+    from caasl_jax.train import RewardModelScore, make_trainer
 
     overrides = list(args.set)
     config = load_config(args.config, overrides)
@@ -49,7 +49,7 @@ def measure(args) -> dict:
             "official": dict(dim=128, layers=8, heads=8, key_size=32),
             "tiny": dict(dim=16, layers=1, heads=2, key_size=8),
         }[args.reward_size]
-        score_builder = AviciScore(AviciConfig(**size))
+        score_builder = RewardModelScore(AviciConfig(**size))
     devices = jax.devices()[: args.devices_here]
     trainer, reward_params = make_trainer(config, devices, score_builder)
     if score_builder is not None:

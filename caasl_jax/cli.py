@@ -280,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the held-out test environments and of the rollouts",
     )
     ev.add_argument("--mode", choices=["stochastic", "deterministic"], default="stochastic")
-    ev.add_argument("--reward-model", help="reward model (default: the policy run's)")
+    ev.add_argument(
+        "--reward-model",
+        help="reward model: shipped weights, a weights file, or 'exact' (the exact posterior "
+        "of each linear env's prior; default: the policy run's)",
+    )
     ev.add_argument(
         "--out",
         default="results/eval",

@@ -43,7 +43,8 @@ class TrainConfig:
     Every `eval_every` calls the policy is rolled out on `eval_envs` validation
     environments (disjoint from the test environments of `caasl evaluate`); the policy
     with the best validation return is kept in the run's best/ folder. reward_model: a
-    shipped name, a weights file, or "auto": the shipped weights named like `env`.
+    shipped name, a weights file, "auto" (the shipped weights named like `env`) or
+    "exact" (the exact posterior of a linear ER env's prior: an oracle reward).
     """
 
     env: str = "linear-sparse-d5"

@@ -167,20 +167,21 @@ def design_rollout(env: Environment, agent=None):
 
 
 def stepwise_metrics(env: Environment, histories: History, graphs, reward_params, reward_config):
-    """Metrics of the reward model's posterior after 0..T design steps.
+    """Metrics of the reward model's posterior after 0..T design steps (reward_config:
+    an AviciConfig, or an ExactPrior for the exact posterior).
 
     histories: final histories [B]; graphs f32[B, d, d]. The posterior after step t
     reads the first n0 + t·k rows (the rest masked). Returns {metric: f32[B, T + 1]}.
     """
     from caasl_jax.metrics import all_metrics
-    from caasl_jax.reward.model import edge_probs
+    from caasl_jax.reward.reward import posterior_edge_probs
 
     lengths = env.n0 + jnp.arange(env.budget + 1) * env.samples_per_step
     rows = jnp.arange(env.n_rows)
 
     def one(history, graph):
         def at(length):
-            probs = edge_probs(reward_params, history.data, rows < length, reward_config)
+            probs = posterior_edge_probs(reward_params, history.data, rows < length, reward_config)
             return all_metrics(probs, graph)
 
         return jax.vmap(at)(lengths)
@@ -502,6 +503,27 @@ def check_progress_files(paths) -> None:
                 raise ValueError(f"{error}; delete it or choose another --checkpoint-dir") from None
 
 
+def reward_models_for(reward_name: str, envs: dict[str, Environment]) -> dict[str, tuple]:
+    """{env name: (reward params, reward config)} that score each env: one AVICI model
+    for all (warning where its standardisation does not fit an env's data), or for
+    "exact" each env's own exact posterior (ValueError naming an env it cannot score)."""
+    from caasl_jax.reward.checkpoint import EXACT_REWARD, load_reward_model
+    from caasl_jax.reward.standardize import warn_if_other_family
+
+    if str(reward_name) == EXACT_REWARD:
+        models = {}
+        for name, env in envs.items():
+            try:
+                models[name] = load_reward_model(EXACT_REWARD, env)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return models
+    reward_params, reward_config = load_reward_model(reward_name)
+    for name in envs:
+        warn_if_other_family(str(reward_name), reward_config.standardization, name)
+    return dict.fromkeys(envs, (reward_params, reward_config))
+
+
 def evaluate_suite(
     env_names: Sequence[str],
     designs: Sequence[str],
@@ -528,8 +550,6 @@ def evaluate_suite(
     Returns ({env: {label: {metric: {"mean", "stderr"}}}}, meta).
     """
     from caasl_jax.envs.registry import make_env
-    from caasl_jax.reward.checkpoint import load_reward_model
-    from caasl_jax.reward.standardize import warn_if_other_family
     from caasl_jax.train import action_kind
 
     if mode not in POLICY_MODES:
@@ -574,9 +594,7 @@ def evaluate_suite(
             for name in designs
             if name in slow and (env_name, name) not in skip
         )
-    reward_params, reward_config = load_reward_model(reward_name)
-    for name in envs:
-        warn_if_other_family(str(reward_name), reward_config.standardization, name)
+    reward_models = reward_models_for(reward_name, envs)
     agent, policy_params, _ = load_policy(trained[0]) if trained else (None, (), None)
     for env_name, name, reason in skipped:
         if log:
@@ -596,10 +614,10 @@ def evaluate_suite(
                     env, params, rollout_key(seed), n_workers=n_workers, progress=progress,
                     checkpoint=checkpoint,
                 )  # fmt: skip
-                summary = score_histories(env, histories, params, reward_params, reward_config)
+                summary = score_histories(env, histories, params, *reward_models[env_name])
             else:
                 summary = evaluate_design(
-                    env, label, reward_params, reward_config, n_envs, seed,
+                    env, label, *reward_models[env_name], n_envs, seed,
                     agent=agent, policy_params=policy_params, mode=mode,
                 )  # fmt: skip
             results.setdefault(env_name, {})[label] = summary

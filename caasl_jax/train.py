@@ -111,8 +111,9 @@ def put_replicated(tree, mesh: Mesh):
 
 
 @dataclasses.dataclass(frozen=True)
-class AviciScore:
-    """Builds the AVICI score function from (traced) reward-model parameters.
+class RewardModelScore:
+    """Builds the reward's score function from (traced) reward-model parameters: the
+    AVICI network (config an AviciConfig) or the exact posterior (an ExactPrior).
 
     Hashable by value, so equal configs share one compiled program.
     """
@@ -150,7 +151,7 @@ class Trainer:
     config: TrainConfig
     env: Environment
     agent: REDQ
-    score_builder: Any  # reward_params -> score_fn(history, graph); see AviciScore
+    score_builder: Any  # reward_params -> score_fn(history, graph); see RewardModelScore
     mesh: Mesh
 
     @property
@@ -304,7 +305,8 @@ class Trainer:
 def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple[Trainer, Any]:
     """(Trainer, reward_params replicated on the mesh); validates everything before any work.
 
-    By default the reward is the AVICI model `config.reward_model_name`. A custom
+    By default the reward is the reward model `config.reward_model_name` (AVICI weights,
+    or "exact": the exact posterior of the env's prior). A custom
     `score_builder(reward_params) -> score_fn(history, graph)` (hashable, e.g. a
     module-level function) replaces it; its reward_params are then empty.
     """
@@ -316,11 +318,15 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
         )
     if score_builder is None:
         from caasl_jax.reward.checkpoint import load_reward_model
+        from caasl_jax.reward.model import AviciConfig
         from caasl_jax.reward.standardize import warn_if_other_family
 
-        reward_params, reward_config = load_reward_model(config.reward_model_name)
-        warn_if_other_family(config.reward_model_name, reward_config.standardization, config.env)
-        score_builder = AviciScore(reward_config)
+        reward_params, reward_config = load_reward_model(config.reward_model_name, env)
+        if isinstance(reward_config, AviciConfig):
+            warn_if_other_family(
+                config.reward_model_name, reward_config.standardization, config.env
+            )
+        score_builder = RewardModelScore(reward_config)
     else:
         reward_params = {}
     trainer = Trainer(config, env, build_agent(config, env), score_builder, make_mesh(devices))

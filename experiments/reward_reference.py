@@ -6,7 +6,7 @@ observational rows + T random single-target do-interventions per system, same se
 - the reward model (a shipped name or a .msgpack file),
 - the bootstrapped-GIES posterior of the likelihood baselines, which knows the true model
   class (linear Gaussian): edge probability = fraction of particles with the edge,
-- the exact posterior of the env's prior (`baselines.exact_posterior`): what a reward
+- the exact posterior of the env's prior (`reward.exact`): what a reward
   model trained to convergence with BCE on this prior predicts; also on the observational
   rows alone (left out, with the reason recorded as exact_posterior_skipped, for an env
   outside the prior it is exact for: scale-free graphs, shift interventions, d > 14, ...),
@@ -39,11 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caasl_jax.baselines.exact_posterior import (
-    ExactPrior,
-    exact_edge_posterior,
-    exact_prior_problem,
-)
 from caasl_jax.baselines.posterior import fit_posterior, history_rows, use_fast_gies
 from caasl_jax.baselines.runner import check_supported
 from caasl_jax.checks import file_path_problem
@@ -51,6 +46,11 @@ from caasl_jax.cli import DefaultsHelpFormatter, positive_int
 from caasl_jax.envs.core import History
 from caasl_jax.envs.registry import make_env
 from caasl_jax.reward import load_reward_model
+from caasl_jax.reward.exact import (
+    ExactPrior,
+    exact_edge_posterior,
+    exact_prior_problem,
+)
 from caasl_jax.reward.pretrain import heldout_set, make_heldout_probs, mean_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reward_reference"

@@ -332,3 +332,39 @@ def test_raw_and_zscored_real_values_are_one_family():
         warn_if_other_family("linear-zscore-d10", "zscore", "linear-ood-graph-d5")
     with pytest.warns(UserWarning, match="'none', but 'sergio-d3' data call for 'log2_cpm'"):
         warn_if_other_family("linear-raw-d10", "none", "sergio-d3")
+
+
+def test_exact_reward_model_scores_each_env_with_its_own_prior(monkeypatch):
+    """--reward-model exact: step 0 of the evaluation is the exact posterior's score of
+    the n0 observational rows; an env outside its prior is named before any rollout."""
+    from caasl_jax.reward.exact import ExactPrior, exact_edge_posterior
+
+    overrides = {"n0": 6, "budget": 2}
+    results, meta = ev.evaluate_suite(
+        ["linear-d3"], ["observational"], n_envs=3, reward_model="exact",
+        env_overrides=overrides, log=None,
+    )  # fmt: skip
+    assert meta["reward_model"] == "exact"
+    env = make_env("linear-d3", **overrides)
+    params = ev.heldout_params(env, 3, 0)
+    histories = ev.design_rollout(env, None)(
+        ev.branch_index("observational", "stochastic"), (), params, ev.rollout_key(0)
+    )
+    prior = ExactPrior.of_env(env)
+    expected = []
+    for b in range(3):
+        graph = np.asarray(params.graph[b], np.float64)
+        x = np.asarray(histories.data[b, : env.n0, :, 0], np.float64)
+        p = exact_edge_posterior(x, np.zeros_like(x, bool), prior)
+        expected.append(np.sum(graph * p + (1 - graph) * (1 - p)))
+    got = results["linear-d3"]["observational"]["expected_correct"]["mean"][0]
+    assert got == pytest.approx(np.mean(expected), abs=1e-3)
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("a rollout started before the reward model was checked")
+
+    monkeypatch.setattr(ev, "design_rollout", no_rollouts)
+    with pytest.raises(ValueError, match="linear-ood-graph-d3: reward model 'exact': exact"):
+        ev.evaluate_suite(
+            ["linear-d3", "linear-ood-graph-d3"], ["random"], n_envs=2, reward_model="exact"
+        )

@@ -1,4 +1,4 @@
-"""The exact edge posterior of the linear-Gaussian ER prior (baselines/exact_posterior.py).
+"""The exact edge posterior of the linear-Gaussian ER prior (reward/exact.py).
 
 Checked three independent ways: its local marginal likelihoods against numerical
 integration of the Gaussian density (scipy), its sum over orders and graphs against
@@ -12,12 +12,16 @@ import itertools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from caasl_jax.baselines import exact_posterior
-from caasl_jax.baselines.exact_posterior import (
+from caasl_jax.baselines.posterior import history_rows
+from caasl_jax.envs.core import History
+from caasl_jax.envs.registry import make_env
+from caasl_jax.reward import exact
+from caasl_jax.reward.exact import (
     ExactPrior,
     exact_edge_posterior,
     exact_prior_problem,
@@ -25,12 +29,23 @@ from caasl_jax.baselines.exact_posterior import (
     node_log_marginals,
     order_edge_posterior,
 )
-from caasl_jax.baselines.posterior import history_rows
-from caasl_jax.envs.core import History
-from caasl_jax.envs.registry import make_env
 from caasl_jax.reward.pretrain import heldout_set
+from caasl_jax.reward.reward import make_score_fn
 
 PRIOR = ExactPrior(edge_prob=0.5, noise_concentration=10.0, noise_rate=1.0)
+
+
+@pytest.fixture
+def x64():
+    """Float64 inside the test: the reference checks below hold to 1e-8 and tighter."""
+    with jax.enable_x64(True):
+        yield
+
+
+def _local_f64(x, targets):
+    """local_log_marginals of a history without padding, as numpy f64[d, 2^d]."""
+    valid = np.ones(len(x), bool)
+    return np.asarray(local_log_marginals(x, targets, valid, PRIOR))
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +76,19 @@ def _integrated_density(x, targets, j, parents):
 
 
 @pytest.mark.parametrize("j,parents", [(3, [0, 1]), (3, [0, 1, 2]), (1, [0]), (0, [1, 2, 3])])
-def test_local_marginal_matches_numerical_integration(small_history, j, parents):
+def test_local_marginal_matches_numerical_integration(x64, small_history, j, parents):
     x, targets = small_history
-    local = local_log_marginals(x, targets, PRIOR)
+    local = _local_f64(x, targets)
     mask = sum(1 << i for i in parents)
     assert local[j, mask] == pytest.approx(_integrated_density(x, targets, j, parents), abs=1e-8)
     assert np.isneginf(local[j, mask | (1 << j)])  # a node is never its own parent
 
 
 @pytest.mark.parametrize("scale", [1.0, 1000.0])  # 1000: far above the prior's noise scale
-def test_empty_parent_set_matches_student_t_closed_form(small_history, scale):
+def test_empty_parent_set_matches_student_t_closed_form(x64, small_history, scale):
     x, targets = small_history
     x = x * scale
-    local = local_log_marginals(x, targets, PRIOR)
+    local = _local_f64(x, targets)
     for j in range(4):
         y = x[~targets[:, j], j]
         n, a, b = len(y), PRIOR.noise_concentration, PRIOR.noise_rate
@@ -105,9 +120,9 @@ def _enumerated_posterior(local, edge_prob):
 
 
 @pytest.mark.parametrize("edge_prob", [0.3, 0.8])
-def test_sum_over_orders_matches_enumeration(small_history, edge_prob):
-    local = local_log_marginals(*small_history, PRIOR)
-    probs, log_evidence = order_edge_posterior(local, edge_prob)
+def test_sum_over_orders_matches_enumeration(x64, small_history, edge_prob):
+    local = _local_f64(*small_history)
+    probs, log_evidence = map(np.asarray, order_edge_posterior(local, edge_prob))
     expected, expected_evidence = _enumerated_posterior(local, edge_prob)
     np.testing.assert_allclose(probs, expected, atol=1e-12)
     assert log_evidence == pytest.approx(expected_evidence, abs=1e-10)
@@ -116,7 +131,7 @@ def test_sum_over_orders_matches_enumeration(small_history, edge_prob):
     arbitrary = np.random.default_rng(1).normal(size=local.shape) * 3
     arbitrary[np.isneginf(local)] = -np.inf
     np.testing.assert_allclose(
-        order_edge_posterior(arbitrary, edge_prob)[0],
+        np.asarray(order_edge_posterior(arbitrary, edge_prob)[0]),
         _enumerated_posterior(arbitrary, edge_prob)[0],
         atol=1e-12,
     )
@@ -127,9 +142,10 @@ def _weights_of_variance_one(node_log_marginals):
     the Gram matrix by k and the cross products by sqrt(k) multiplies the prior's
     covariance X_S X_S^T / k by k."""
 
-    def perturbed(gram, cross, sq, n, grid):
-        k = max(gram.shape[-1], 1)
-        return node_log_marginals(gram * k, cross * math.sqrt(k), sq, n, grid)
+    def perturbed(gram, cross, sizes, sq, n, grid):
+        k = jnp.maximum(sizes, 1.0)
+        scaled_cross = cross * jnp.sqrt(k)[:, None]
+        return node_log_marginals(gram * k[:, None, None], scaled_cross, sizes, sq, n, grid)
 
     return perturbed
 
@@ -168,10 +184,13 @@ def test_posterior_is_calibrated_on_draws_from_the_env_prior(monkeypatch):
         "do-targets ignored": posteriors(prior, ignore_targets=True),
         "no data (the prior's mean)": prior_mean,
     }
-    monkeypatch.setattr(
-        exact_posterior, "node_log_marginals", _weights_of_variance_one(node_log_marginals)
-    )
-    worse["weights of variance 1"] = posteriors(prior)
+    monkeypatch.setattr(exact, "node_log_marginals", _weights_of_variance_one(node_log_marginals))
+    jitted = exact._exact_edge_probs_jit
+    jitted.clear_cache()  # retrace with the mutation...
+    try:
+        worse["weights of variance 1"] = posteriors(prior)
+    finally:
+        jitted.clear_cache()  # ...and never leave it cached for other tests
     for name, other in worse.items():
         extra = log_loss(other) - log_loss(q)  # paired: the same systems
         assert extra.mean() > 3 * extra.std() / math.sqrt(len(extra)), name
@@ -228,3 +247,56 @@ def test_bad_histories_raise_named_errors():
         exact_edge_posterior(x, np.zeros((5, 3), bool), PRIOR)
     with pytest.raises(ValueError, match="edge_prob must lie in"):
         ExactPrior(1.0, 10.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def short_histories():
+    """Six linear-d5 histories (n0 = 12 + 4 design rows) and their true graphs."""
+    env = make_env("linear-d5", n0=12, budget=4)
+    data, mask, graph = heldout_set(env, jax.random.key(1), 6)
+    return env, np.asarray(data), np.asarray(mask), np.asarray(graph)
+
+
+def test_float32_padded_batch_matches_the_float64_reference(short_histories):
+    """The jitted float32 path on padded, vmapped histories (the trainer's) equals the
+    float64 reference on the valid rows; what the padding holds does not matter."""
+    env, data, mask, _ = short_histories
+    prior = ExactPrior.of_env(env)
+    lengths = np.array([16, 15, 13, 12, 14, 16])  # some rows turned into padding
+    mask = np.arange(data.shape[1]) < lengths[:, None]
+    garbage = np.random.default_rng(2).normal(size=data.shape) * 1e3
+    padded = np.where(mask[..., None, None], data, garbage).astype(np.float32)
+
+    @jax.jit
+    @jax.vmap
+    def batch(d, m):
+        return exact.exact_edge_probs(d[..., 0], d[..., 1] > 0.5, m, prior)
+
+    probs = np.asarray(batch(padded, mask))
+    assert probs.dtype == np.float32 and probs.shape == (6, 5, 5)
+    for b, n in enumerate(lengths):
+        x, targets = history_rows(History(data[b], n))
+        reference = exact_edge_posterior(x, targets, prior)
+        np.testing.assert_allclose(probs[b], reference, atol=1e-4)
+    assert np.all(np.diag(probs[0]) == 0.0)
+
+
+def test_exact_score_is_the_expected_correct_count_and_drives_the_env_reward(short_histories):
+    env, data, mask, graph = short_histories
+    prior = ExactPrior.of_env(env)
+    score_fn = make_score_fn({}, prior, microbatch=2)  # dispatches on the ExactPrior
+    scores = jax.jit(jax.vmap(lambda d, n, g: score_fn(History(d, n), g)))(data, mask.sum(1), graph)
+    for b in range(len(graph)):
+        p = exact_edge_posterior(*history_rows(History(data[b], mask[b].sum())), prior)
+        expected = np.sum(graph[b] * p + (1 - graph[b]) * (1 - p))
+        assert scores[b] == pytest.approx(expected, abs=1e-3)
+
+    scored = env.with_score(score_fn)  # the reward is the score's improvement
+    params = scored.sample_params(jax.random.key(3))
+    _, state = scored.reset(jax.random.key(4), params)
+    action = jnp.zeros(scored.action_dim).at[0].set(1.0)
+    _, after, reward, _, _ = jax.jit(scored.step)(jax.random.key(5), state, action, params)
+    assert float(reward) == pytest.approx(float(after.score - state.score), abs=1e-5)
+    assert float(reward) != 0.0
+    own = float(score_fn(state.history, params.graph))
+    assert float(state.score) == pytest.approx(own, abs=1e-5)

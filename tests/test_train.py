@@ -123,6 +123,24 @@ def test_chunk_compiles_once_and_learns_after_warmup(tiny):
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
+def test_exact_reward_trains_and_is_refused_outside_its_prior(tiny):
+    """reward_model "exact": the env's own exact posterior scores the rollouts inside
+    the fused step; an env outside the prior it is exact for fails before any work."""
+    _, data, _ = tiny
+    config = from_dict(TrainConfig, {**data, "reward_model": "exact"})
+    trainer, reward_params = train_lib.make_trainer(config)
+    assert reward_params == {} and trainer.score_builder.config.edge_prob > 0
+    state = trainer.init_state()
+    chunk = trainer.compile_chunk(state)
+    state, metrics = chunk(state, reward_params, trainer.chunk_key(0))
+    returns = np.asarray(jax.device_get(metrics)["return_mean"])
+    assert np.all(np.isfinite(returns)) and np.any(returns != 0.0)
+    outside = {**data, "reward_model": "exact", "env": "linear-ood-graph-d3"}
+    outside = from_dict(TrainConfig, outside)
+    with pytest.raises(ValueError, match="reward model 'exact': exact posterior: graph_kind='sf'"):
+        train_lib.make_trainer(outside)
+
+
 def test_resume_is_bit_identical(tiny, tmp_path):
     config, _, _ = tiny
     straight = train_lib.train(config, tmp_path / "a", progress=False)

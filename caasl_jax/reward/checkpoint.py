@@ -127,16 +127,34 @@ def load_pretrained(name: str) -> Pretrained:
     return load_weights(path)
 
 
-def load_reward_model(name_or_path: str | Path):
-    """(params, AviciConfig) of shipped weights by name, or of a weights file."""
+#: the reward-model name of the exact posterior (reward/exact.py): no weights, exact
+#: for the linear ER envs only
+EXACT_REWARD = "exact"
+
+
+def load_reward_model(name_or_path: str | Path, env=None):
+    """(params, config) of shipped weights by name or of a weights file: an AviciConfig.
+
+    The name "exact" (EXACT_REWARD) is the exact posterior of `env`'s own prior: ({}, its
+    ExactPrior), ValueError when env is missing or outside the priors it is exact for.
+    """
+    if str(name_or_path) == EXACT_REWARD:
+        from caasl_jax.reward.exact import ExactPrior
+
+        if env is None:
+            raise ValueError("reward model 'exact' is the posterior of an env's prior: pass env")
+        try:
+            return {}, ExactPrior.of_env(env)
+        except ValueError as err:
+            raise ValueError(f"reward model 'exact': {err}") from None
     if Path(name_or_path).exists():
         loaded = load_weights(name_or_path)
     elif name_or_path in available_pretrained():
         loaded = load_pretrained(str(name_or_path))
     else:
         raise ValueError(
-            f"unknown reward model {str(name_or_path)!r}: not a path, and not one of the "
-            f"shipped weights {available_pretrained()}"
+            f"unknown reward model {str(name_or_path)!r}: not a path, not 'exact', and not "
+            f"one of the shipped weights {available_pretrained()}"
         )
     return loaded.params, loaded.config
 

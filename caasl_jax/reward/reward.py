@@ -15,6 +15,12 @@ themselves once a score is plugged in:
 
     score_fn = make_score_fn(params, config)
     env = make_env("linear-d10").with_score(score_fn)
+
+The exact posterior of a linear env's prior (reward/exact.py) plugs in the same way,
+as an oracle reward without a reward model's errors:
+
+    env = make_env("linear-d10")
+    env = env.with_score(make_score_fn({}, ExactPrior.of_env(env)))
 """
 
 from __future__ import annotations
@@ -27,9 +33,27 @@ import jax.numpy as jnp
 
 from caasl_jax.metrics import expected_correct_entries
 from caasl_jax.microbatch import vmap_in_chunks
+from caasl_jax.reward.exact import ExactPrior, exact_edge_probs
 from caasl_jax.reward.model import AviciConfig, Params, edge_probs
 
-__all__ = ["expected_correct_entries", "make_score_fn", "reward_from_probs", "step_reward"]
+__all__ = [
+    "expected_correct_entries",
+    "make_score_fn",
+    "posterior_edge_probs",
+    "reward_from_probs",
+    "step_reward",
+]
+
+RewardConfig = AviciConfig | ExactPrior
+
+
+def posterior_edge_probs(params: Params, data, mask, config: RewardConfig) -> jax.Array:
+    """Edge probabilities f32[d, d] of one padded history (data f32[N, d, 2], mask
+    bool[N]) under a reward model: the AVICI network (an AviciConfig and its params)
+    or the exact posterior of a linear prior (an ExactPrior; params unused, {})."""
+    if isinstance(config, ExactPrior):
+        return exact_edge_probs(data[..., 0], data[..., 1] > 0.5, mask, config)
+    return edge_probs(params, data, mask, config)
 
 
 def reward_from_probs(probs: jax.Array, graph: jax.Array) -> jax.Array:
@@ -47,8 +71,9 @@ def step_reward(probs_before: jax.Array, probs_after: jax.Array, graph: jax.Arra
     return reward_from_probs(probs_after, graph) - reward_from_probs(probs_before, graph)
 
 
-def make_score_fn(params: Params, config: AviciConfig, microbatch: int | None = None) -> Callable:
-    """score_fn(history, graph) -> f32[] = R(history) under the AVICI model (params, config).
+def make_score_fn(params: Params, config: RewardConfig, microbatch: int | None = None) -> Callable:
+    """score_fn(history, graph) -> f32[] = R(history) under the reward model (params,
+    config): the AVICI network, or with an ExactPrior the exact posterior ({} params).
 
     `history` is a caasl_jax.envs.core.History (data f32[N, d, 2], length i32[]);
     its padding rows are masked. Jittable and vmappable (a vmap over environments runs
@@ -56,7 +81,7 @@ def make_score_fn(params: Params, config: AviciConfig, microbatch: int | None = 
     """
 
     def score(p, data, mask, graph):
-        return expected_correct_entries(edge_probs(p, data, mask, config), graph)
+        return expected_correct_entries(posterior_edge_probs(p, data, mask, config), graph)
 
     chunked_score = vmap_in_chunks(score, microbatch)
 
