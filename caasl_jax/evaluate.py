@@ -174,6 +174,7 @@ def stepwise_metrics(env: Environment, histories: History, graphs, reward_params
     reads the first n0 + t·k rows (the rest masked). Returns {metric: f32[B, T + 1]}.
     """
     from caasl_jax.metrics import all_metrics
+    from caasl_jax.reward.exact import ExactPrior
     from caasl_jax.reward.reward import posterior_edge_probs
 
     lengths = env.n0 + jnp.arange(env.budget + 1) * env.samples_per_step
@@ -186,6 +187,8 @@ def stepwise_metrics(env: Environment, histories: History, graphs, reward_params
 
         return jax.vmap(at)(lengths)
 
+    if isinstance(reward_config, ExactPrior):  # ~0.2 GB per d = 14 history: one env at a time
+        return jax.lax.map(lambda hg: one(*hg), (histories, graphs))
     return jax.vmap(one)(histories, graphs)
 
 
@@ -583,7 +586,7 @@ def evaluate_suite(
     if reward_name is None:
         raise ValueError(
             "a reward model is required when no trained policy is evaluated (--reward-model: "
-            "a shipped name or a weights file)"
+            "a shipped name, a weights file or 'exact')"
         )
     skipped = not_applicable(envs, [name for name in designs if name in slow])
     skip = {s[:2] for s in skipped}

@@ -38,7 +38,8 @@ import numpy as np
 from caasl_jax.envs.graphs import erdos_renyi_edge_prob
 
 MAX_D = 14  # 14 · 2^13 local scores and 2^14-entry tables
-GRID_POINTS = 128  # quadrature nodes over log σ² per node (see log_noise_grid)
+GRID_POINTS = 128  # fewest quadrature nodes over log σ² per node (see grid_points)
+GRID_PEAK_RANGE = 17.0  # nats of peak range the grid resolves at one node per width
 GRID_PEAK_MARGIN = 10.0  # integrand widths kept beyond the likelihood's peak range
 
 
@@ -110,6 +111,14 @@ def _subsets(d: int):
 
 
 # ------------------------------------------------------------------- local scores
+def grid_points(n_rows: int, prior: ExactPrior) -> int:
+    """Quadrature nodes for histories of up to n_rows rows (static): at least one per
+    integrand width 1/sqrt(n/2 + a) over GRID_PEAK_RANGE nats plus the margins, so long
+    histories get a finer grid (129 nodes at n = 60, ~680 at n = 3,000)."""
+    per_nat = math.sqrt(n_rows / 2 + prior.noise_concentration)
+    return max(GRID_POINTS, math.ceil(GRID_PEAK_RANGE * per_nat + 2 * GRID_PEAK_MARGIN) + 1)
+
+
 def log_noise_grid(prior: ExactPrior, n: jax.Array, sq: jax.Array, points: int = GRID_POINTS):
     """Quadrature over σ² ~ InvGamma(a, b) in u = log σ² for one node's likelihood:
     (u f[Q], log weights f[Q]) with  E[f(σ²)] ≈ Σ_q exp(w_q) f(exp(u_q)).
@@ -118,13 +127,14 @@ def log_noise_grid(prior: ExactPrior, n: jax.Array, sq: jax.Array, points: int =
     Gaussian likelihood of n rows is a bump of width about 1 / sqrt(n/2 + a) in u,
     peaked between log(b / (n/2 + a)) (a perfect fit by the parents) and
     log((sq/2 + b) / (n/2 + a)) (no parents). The grid spans that range plus
-    GRID_PEAK_MARGIN widths on each side (the integrand has fallen by > 40 nats
-    there), so data on any scale is covered. With Q = 128 the spacing stays below one
-    width while the peak range is under ~107 widths: at n = 60, for values with mean
-    square up to ~1e6 (about 1e7 times the prior's typical noise variance 0.1). There
-    the trapezoid rule's relative error on a Gaussian bump is at most about
-    2 exp(-2π²) ≈ 5e-9, below float32 resolution; beyond, it grows smoothly (~1% at
-    two widths per node).
+    GRID_PEAK_MARGIN widths on each side (the integrand has fallen by > 20 nats
+    there). With `grid_points(n)` nodes the spacing stays below one width while the
+    peak range is under GRID_PEAK_RANGE nats (values with mean square up to ~1e6 at
+    any n). There the trapezoid rule's relative error on a Gaussian bump is at most
+    about 2 exp(-2π²) ≈ 5e-9; beyond, it grows smoothly (~1% at two widths per node).
+    Float32 (the trainer's dtype) loses the residual sq - shrunk for large values:
+    within 1e-4 of float64 for values up to ~20x the linear envs' scale, not beyond;
+    use float64 (jax.enable_x64) for such data.
     """
     a, b = prior.noise_concentration, prior.noise_rate
     shape = n / 2 + a
@@ -156,12 +166,12 @@ def node_log_marginals(gram, cross, sizes, sq, n, grid) -> jax.Array:
     ratio = eigval[:, None, :] / noise_var[None, :, None]  # [m, Q, d]
     log_det = jnp.sum(jnp.log1p(ratio), axis=-1)  # log det(I + X_S X_S^T / (|S| σ²))
     shrunk = jnp.sum(proj[:, None, :] / (eigval[:, None, :] + noise_var[None, :, None]), -1)
-    quad = (sq - shrunk) / noise_var  # x_j^T (σ² I + X_S X_S^T / |S|)^-1 x_j
+    quad = jnp.maximum(sq - shrunk, 0.0) / noise_var  # x_j^T (σ² I + X_S X_S^T / |S|)^-1 x_j
     const = -0.5 * n * (math.log(2 * math.pi) + u)  # [Q]
     return jax.nn.logsumexp(log_w + const - 0.5 * (log_det + quad), axis=-1)
 
 
-def local_log_marginals(values, targets, valid, prior: ExactPrior, points: int = GRID_POINTS):
+def local_log_marginals(values, targets, valid, prior: ExactPrior, points: int | None = None):
     """f[d, 2^d]: entry [j, S] = log p(x_j on the rows where j is not a target | parents
     S), S a bitmask of nodes; -inf where S contains j.
 
@@ -171,6 +181,8 @@ def local_log_marginals(values, targets, valid, prior: ExactPrior, points: int =
     d = values.shape[-1]
     bits, sizes, free, _ = _subsets(d)
     dtype = values.dtype
+    points = points or grid_points(values.shape[0], prior)
+    values = jnp.where(valid[:, None], values, 0.0)  # padding may hold anything, NaN too
     rows_of = (valid[:, None] & ~targets).astype(dtype)  # [N, d]: node j's rows
     gram = jnp.einsum("nj,na,nb->jab", rows_of, values, values)  # [d, d, d]
     n = rows_of.sum(0)  # [d]
@@ -249,10 +261,10 @@ def order_edge_posterior(local: jax.Array, edge_prob: float) -> tuple[jax.Array,
     return jnp.clip(probs, 0.0, 1.0), log_evidence  # rounding can exceed 1 by an ulp
 
 
-def exact_edge_probs(values, targets, valid, prior: ExactPrior, points: int = GRID_POINTS):
+def exact_edge_probs(values, targets, valid, prior: ExactPrior, points: int | None = None):
     """p(i -> j | history) f[d, d] of one padded history: values f[N, d], targets
     bool[N, d] (do-targets of each row), valid bool[N]. Jittable (prior and points
-    static) and vmappable; computes in values' dtype."""
+    static; points default grid_points(N)) and vmappable; computes in values' dtype."""
     chex.assert_rank([values, targets, valid], [2, 2, 1])
     chex.assert_equal_shape([values, targets])
     local = local_log_marginals(values, targets, valid, prior, points)
