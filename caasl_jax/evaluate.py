@@ -174,6 +174,7 @@ def stepwise_metrics(env: Environment, histories: History, graphs, reward_params
     reads the first n0 + t·k rows (the rest masked). Returns {metric: f32[B, T + 1]}.
     """
     from caasl_jax.metrics import all_metrics
+    from caasl_jax.microbatch import map_examples
     from caasl_jax.reward.exact import ExactPrior
     from caasl_jax.reward.reward import posterior_edge_probs
 
@@ -187,9 +188,9 @@ def stepwise_metrics(env: Environment, histories: History, graphs, reward_params
 
         return jax.vmap(at)(lengths)
 
-    if isinstance(reward_config, ExactPrior):  # ~0.2 GB per d = 14 history: one env at a time
-        return jax.lax.map(lambda hg: one(*hg), (histories, graphs))
-    return jax.vmap(one)(histories, graphs)
+    # exact posteriors take ~0.2 GB per d = 14 history: one env at a time
+    microbatch = 1 if isinstance(reward_config, ExactPrior) else 0
+    return map_examples(lambda hg: one(*hg), (histories, graphs), microbatch)
 
 
 def summarize_stepwise(metrics: dict) -> dict[str, dict[str, list[float]]]:

@@ -317,15 +317,10 @@ def make_trainer(config: TrainConfig, devices=None, score_builder=None) -> tuple
             f"{env.budget} (env_overrides)"
         )
     if score_builder is None:
-        from caasl_jax.reward.checkpoint import load_reward_model
-        from caasl_jax.reward.model import AviciConfig
-        from caasl_jax.reward.standardize import warn_if_other_family
+        from caasl_jax.evaluate import reward_models_for
 
-        reward_params, reward_config = load_reward_model(config.reward_model_name, env)
-        if isinstance(reward_config, AviciConfig):
-            warn_if_other_family(
-                config.reward_model_name, reward_config.standardization, config.env
-            )
+        models = reward_models_for(config.reward_model_name, {config.env: env})
+        reward_params, reward_config = models[config.env]
         score_builder = RewardModelScore(reward_config)
     else:
         reward_params = {}
